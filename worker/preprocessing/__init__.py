@@ -1,0 +1,20 @@
+"""The one home of preprocessing, shared by inference (``worker.pipeline``) and
+training (``model_training``): tissue mask, tile grid and white filter, and
+Macenko stain normalisation with DAB kept on an absolute scale.
+"""
+
+from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, optical_density
+from worker.preprocessing.tiling import candidate_tiles, grid_for_level, white_fraction
+from worker.preprocessing.tissue import fit_slide, tissue_mask
+
+__all__ = [
+    "REFERENCE",
+    "StainNormaliser",
+    "StainReference",
+    "candidate_tiles",
+    "fit_slide",
+    "grid_for_level",
+    "optical_density",
+    "tissue_mask",
+    "white_fraction",
+]

@@ -1,0 +1,51 @@
+"""Non-overlapping tile grid at the model's magnification and the white-background filter."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from worker.aggregate import TileGrid
+
+#: A pixel is background ("white") when all three channels are at least this bright.
+WHITE_LEVEL = 220
+
+
+def grid_for_level(width: int, height: int, tile_size: int, pixel_spacing_mm: tuple[float, float]) -> TileGrid:
+    """Tiles of ``tile_size`` covering a level of ``width x height`` pixels.
+
+    Edge tiles that run past the level are kept (the reader pads them with
+    white, so the white filter decides whether they are scored).
+    """
+    return TileGrid(
+        rows=math.ceil(height / tile_size),
+        cols=math.ceil(width / tile_size),
+        tile_size=tile_size,
+        pixel_spacing_mm=pixel_spacing_mm,
+    )
+
+
+def candidate_tiles(mask: np.ndarray, grid: TileGrid, min_coverage: float = 0.02) -> list[tuple[int, int]]:
+    """Tiles (row, col) whose footprint on the tissue ``mask`` covers at least ``min_coverage``.
+
+    ``mask`` is the tissue mask of any level of the same slide; it is mapped
+    onto the grid by proportion, so only tissue tiles are ever read.
+    """
+    mh, mw = mask.shape
+    out: list[tuple[int, int]] = []
+    for r in range(grid.rows):
+        r0 = int(r * mh / grid.rows)
+        r1 = max(r0 + 1, int(math.ceil((r + 1) * mh / grid.rows)))
+        for c in range(grid.cols):
+            c0 = int(c * mw / grid.cols)
+            c1 = max(c0 + 1, int(math.ceil((c + 1) * mw / grid.cols)))
+            if mask[r0:r1, c0:c1].mean() >= min_coverage:
+                out.append((r, c))
+    return out
+
+
+def white_fraction(tiles: np.ndarray) -> np.ndarray:
+    """Fraction of white background pixels per tile; ``tiles`` is (..., H, W, 3) uint8."""
+    white = (tiles >= WHITE_LEVEL).all(axis=-1)
+    return white.mean(axis=(-2, -1))

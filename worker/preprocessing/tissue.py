@@ -1,0 +1,38 @@
+"""Tissue detection on a low-resolution pyramid level.
+
+Otsu's threshold on the per-pixel optical density (sum over RGB), bounded
+below so that empty glass (only sensor noise) never becomes "tissue", then a
+small morphological clean-up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.filters import threshold_otsu
+from skimage.morphology import binary_closing, disk, remove_small_objects
+
+from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, optical_density
+
+#: Optical density (sum over RGB) below which a pixel is glass whatever Otsu says.
+MIN_TISSUE_OD = 0.25
+
+
+def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 thumbnail (H, W, 3)."""
+    od = optical_density(thumbnail).sum(axis=-1)
+    threshold = MIN_TISSUE_OD
+    if float(od.max()) > MIN_TISSUE_OD:
+        threshold = max(MIN_TISSUE_OD, float(threshold_otsu(od)))
+    mask = od > threshold
+    mask = binary_closing(mask, disk(1))
+    return remove_small_objects(mask, max_size=min_object_px)
+
+
+def fit_slide(thumbnail: np.ndarray, reference: StainReference = REFERENCE) -> tuple[np.ndarray, StainNormaliser]:
+    """Tissue mask of a slide's thumbnail and the stain normaliser fitted on its tissue pixels.
+
+    The one entry point both inference and training use to prepare a slide.
+    """
+    mask = tissue_mask(thumbnail)
+    pixels = thumbnail[mask] if mask.any() else thumbnail.reshape(-1, 3)
+    return mask, StainNormaliser.fit(pixels, reference)

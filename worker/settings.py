@@ -1,0 +1,98 @@
+"""One typed settings object for every process of the worker.
+
+Values come, in increasing priority, from the defaults below, a JSON or TOML
+file named by ``HER2_CONFIG`` (or ``--config`` on the command line), and
+environment variables ``HER2_<KEY>`` (for example ``HER2_LISTEN_PORT=11112``).
+``her2 config`` prints the effective values; every field's description is its
+documentation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PACKAGE_DIR / "models" / "her2_default.onnx"
+
+
+class Settings(BaseSettings):
+    """Configuration of listener, workers and the scoring pipeline."""
+
+    model_config = SettingsConfigDict(env_prefix="HER2_", extra="forbid")
+
+    # --- model and pipeline -------------------------------------------------
+    model_path: Path = Field(DEFAULT_MODEL, description="ONNX model; its model card is the .json beside it.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime provider: auto = CUDA when available, else CPU."
+    )
+    batch_size: int = Field(16, ge=1, description="Tiles per inference batch.")
+    decode_threads: int = Field(2, ge=1, description="Threads decoding JPEG tiles ahead of inference.")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = library default).")
+    white_fraction_max: float = Field(
+        0.6, gt=0, lt=1, description="Tiles with more than this fraction of white background are dropped."
+    )
+    evidence_floor_percent: float = Field(
+        2.0,
+        ge=0,
+        le=10,
+        description="Class areas below this percentage of tumour are treated as absent when applying the "
+        "ASCO/CAP rules (guards the call against isolated tile misgrades; not part of ASCO/CAP).",
+    )
+    output_dir: Path = Field(Path("out"), description="Where the CLI writes result DICOM files and overlays.")
+
+    # --- DICOM network --------------------------------------------------------
+    ae_title: str = Field("HER2WORKER", max_length=16, description="Our AE title (listener and SCU).")
+    listen_host: str = Field("127.0.0.1", description="Address the Storage SCP binds to.")
+    listen_port: int = Field(11112, ge=0, le=65535, description="Port the Storage SCP binds to.")
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate; empty list = accept any caller.",
+    )
+    spool_dir: Path = Field(Path("spool"), description="Received instances, one folder per series.")
+    stable_seconds: float = Field(
+        10.0, gt=0, description="A series is complete when no instance arrived for this long (like Orthanc StableAge)."
+    )
+    destination_host: str = Field("127.0.0.1", description="PACS that receives results (C-STORE SCP).")
+    destination_port: int = Field(4242, ge=1, le=65535, description="Port of the result destination.")
+    destination_aet: str = Field("ORTHANC", max_length=16, description="AE title of the result destination.")
+    outbox_dir: Path = Field(Path("outbox"), description="Results waiting for delivery when the PACS is down.")
+
+    # --- queue ----------------------------------------------------------------
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
+    result_backend: str = Field("redis://127.0.0.1:6379/1", description="Celery result backend (Redis).")
+    task_soft_time_limit: int = Field(1800, ge=1, description="Seconds before a slide job is asked to stop.")
+    task_time_limit: int = Field(2100, ge=1, description="Seconds before a slide job is killed.")
+    task_max_retries: int = Field(5, ge=0, description="Retries before a job is parked with its reason.")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    return json.loads(text)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from defaults, a config file, the environment and explicit overrides.
+
+    Environment variables win over the file; explicit ``overrides`` (from the
+    command line) win over both.
+    """
+    config_file = config_file or os.environ.get("HER2_CONFIG")
+    file_values = _read_file(Path(config_file)) if config_file else {}
+    env_values = Settings().model_dump(exclude_unset=True)
+    return Settings(**{**file_values, **env_values, **overrides})
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (file named by HER2_CONFIG plus environment)."""
+    return load_settings()
