@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 from skimage.filters import threshold_otsu
-from skimage.morphology import binary_closing, disk, remove_small_objects
+from scipy import ndimage
+from skimage.morphology import remove_small_objects
 
 from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, optical_density
 
@@ -24,7 +25,7 @@ def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     if float(od.max()) > MIN_TISSUE_OD:
         threshold = max(MIN_TISSUE_OD, float(threshold_otsu(od)))
     mask = od > threshold
-    mask = binary_closing(mask, disk(1))
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool))
     return remove_small_objects(mask, max_size=min_object_px)
 
 
