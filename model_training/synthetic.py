@@ -1,0 +1,340 @@
+"""Synthetic HER2 IHC slides with known ground truth (numpy only, no torch).
+
+A slide is described by a :class:`SlideSpec` and rendered on demand, in
+physical units (micrometres), at any pixel spacing, so the same slide can be
+written as a DICOM pyramid at 10x or 40x and rendered tile by tile in bounded
+memory.
+
+What is drawn
+-------------
+* **Layout.** Tissue is a smooth random blob on glass; inside it, tumour nests
+  (a second smooth field, thresholded so that ``tumour_fraction`` of the tissue
+  is tumour) alternate with stroma. Tumour areas are split into Voronoi regions
+  of one HER2 class each, assigned so that class areas follow ``class_mix``.
+* **Tumour cells** sit on a jittered lattice (~13 um apart); every pixel
+  belongs to its nearest cell. Haematoxylin nuclei are ellipses around the
+  cell centres; the cell membrane is the Voronoi boundary between cells.
+* **DAB membrane staining** follows ASCO/CAP patterns per class: 0 none,
+  1+ faint and incomplete (30-60 % of the circumference), 2+ weak-to-moderate
+  and complete, 3+ intense and complete, with membrane widths ~0.6 / 1.0 /
+  2.1 um (the physical cue that makes 40x matter for 0 vs 1+). The membrane
+  profile is a Gaussian across the boundary whose integral equals the
+  membrane width, so the DAB amount per micrometre of membrane is the same at
+  every magnification.
+* **Colour** follows Beer-Lambert: optical density = c_H * v_H + c_DAB * v_DAB,
+  plus sensor noise. Centre "A" uses the reference stain vectors; centre "B"
+  (the second lab) uses other stain vectors, stronger haematoxylin, scanner
+  blur and a more fragmented, stroma-rich layout.
+
+Ground truth is exact: :func:`truth_grid` gives per-tile tumour fraction and
+class fractions, :func:`slide_truth` the slide percentages and ASCO/CAP call,
+and :class:`Rendered` carries the exact membrane mask of every rendered pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+from scipy import ndimage
+
+from worker.aggregate import CLASSES, SlideCall, asco_cap_call
+from worker.preprocessing.stain import I0, REFERENCE
+
+#: Coarse grid (um) on which the smooth layout fields are defined.
+FIELD_STEP_UM = 32.0
+#: Distance between neighbouring tumour cell centres (um).
+CELL_SPACING_UM = 13.0
+#: Spacing of the stromal fibroblast lattice (um).
+STROMA_SPACING_UM = 30.0
+
+#: Per-class staining: (DAB concentration range, circumference fraction range, membrane width um).
+STAINING: dict[str, tuple[tuple[float, float], tuple[float, float], float]] = {
+    "0": ((0.0, 0.0), (0.0, 0.0), 0.6),
+    "1+": ((0.18, 0.28), (0.30, 0.60), 0.64),
+    "2+": ((0.40, 0.55), (1.00, 1.00), 1.0),
+    "3+": ((0.85, 1.10), (1.00, 1.00), 2.1),
+}
+
+
+@dataclass(frozen=True)
+class Centre:
+    """Lab/scanner characteristics of a synthetic centre."""
+
+    stain_matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    h_gain: float
+    blur_um: float
+    tissue_scale_um: float
+    nest_scale_um: float
+
+
+CENTRES: dict[str, Centre] = {
+    "A": Centre(REFERENCE.stain_matrix, h_gain=1.0, blur_um=0.0, tissue_scale_um=320.0, nest_scale_um=110.0),
+    "B": Centre(
+        ((0.560, 0.760, 0.330), (0.330, 0.620, 0.710)),
+        h_gain=1.35,
+        blur_um=0.6,
+        tissue_scale_um=220.0,
+        nest_scale_um=80.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """One synthetic slide: deterministic given its fields."""
+
+    seed: int
+    width_um: float = 4096.0
+    height_um: float = 3072.0
+    class_mix: dict[str, float] = field(default_factory=lambda: {"0": 0.0, "1+": 0.0, "2+": 0.0, "3+": 1.0})
+    tumour_fraction: float = 0.7
+    centre: str = "A"
+    patient_id: str = "SYNTH-0001"
+
+    def __post_init__(self) -> None:
+        if set(self.class_mix) - set(CLASSES):
+            raise ValueError(f"class_mix keys must be among {CLASSES}, got {sorted(self.class_mix)}")
+        total = sum(self.class_mix.values())
+        if total <= 0 or any(v < 0 for v in self.class_mix.values()):
+            raise ValueError(f"class_mix must be non-negative and not all zero, got {self.class_mix}")
+        if not 0.0 < self.tumour_fraction <= 1.0:
+            raise ValueError(f"tumour_fraction must be in (0, 1], got {self.tumour_fraction}")
+        if self.centre not in CENTRES:
+            raise ValueError(f"centre must be one of {sorted(CENTRES)}, got {self.centre!r}")
+
+    def __hash__(self) -> int:  # dict field: hash on the frozen content
+        return hash((self.seed, self.width_um, self.height_um, tuple(sorted(self.class_mix.items())),
+                     self.tumour_fraction, self.centre, self.patient_id))
+
+    @cached_property
+    def layout(self) -> "_Layout":
+        return _Layout(self)
+
+
+@dataclass
+class Rendered:
+    """A rendered region: RGB pixels, the exact DAB membrane mask and per-pixel tumour class."""
+
+    rgb: np.ndarray
+    membrane: np.ndarray
+    tumour_class: np.ndarray
+
+
+def _hash01(seed: int, i: np.ndarray, j: np.ndarray, salt: int) -> np.ndarray:
+    """Deterministic uniform [0, 1) per integer lattice point (splitmix64 mixing)."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+             + i.astype(np.int64).astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+             + j.astype(np.int64).astype(np.uint64) * np.uint64(0x94D049BB133111EB)
+             + np.uint64(salt) * np.uint64(0xD6E8FEB86659FD93))
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class _Layout:
+    """Smooth tissue / tumour fields and the class regions of one slide."""
+
+    def __init__(self, spec: SlideSpec) -> None:
+        centre = CENTRES[spec.centre]
+        rng = np.random.default_rng(spec.seed)
+        gh = int(np.ceil(spec.height_um / FIELD_STEP_UM)) + 2
+        gw = int(np.ceil(spec.width_um / FIELD_STEP_UM)) + 2
+        yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float64)
+        # Tissue: smooth noise times an elliptical envelope, so slide edges are glass.
+        noise = ndimage.gaussian_filter(rng.normal(size=(gh, gw)), centre.tissue_scale_um / FIELD_STEP_UM)
+        noise /= noise.std() + 1e-9
+        ey = (yy - gh / 2) / (gh / 2)
+        ex = (xx - gw / 2) / (gw / 2)
+        envelope = 1.0 - (ex**2 + ey**2)
+        self.tissue_field = envelope * 2.0 + 0.35 * noise
+        self.tissue_threshold = 0.45
+        tissue = self.tissue_field > self.tissue_threshold
+        # Tumour nests inside tissue.
+        nests = ndimage.gaussian_filter(rng.normal(size=(gh, gw)), centre.nest_scale_um / FIELD_STEP_UM)
+        self.nest_field = nests / (nests.std() + 1e-9)
+        inside = self.nest_field[tissue]
+        self.nest_threshold = float(np.quantile(inside, 1.0 - spec.tumour_fraction)) if inside.size else 0.0
+        if spec.tumour_fraction >= 1.0:
+            self.nest_threshold = -np.inf
+        tumour = tissue & (self.nest_field > self.nest_threshold)
+        # Class regions: Voronoi seeds assigned to classes by area deficit.
+        mix = {c: spec.class_mix.get(c, 0.0) / sum(spec.class_mix.values()) for c in CLASSES}
+        n_seeds = 1 if max(mix.values()) >= 1.0 else 12
+        self.seeds = np.column_stack([rng.uniform(0, spec.width_um, n_seeds), rng.uniform(0, spec.height_um, n_seeds)])
+        owner = self._nearest_seed((xx - 1) * FIELD_STEP_UM, (yy - 1) * FIELD_STEP_UM)
+        area = np.array([(tumour & (owner == k)).sum() for k in range(n_seeds)], dtype=float)
+        self.seed_class = np.zeros(n_seeds, dtype=np.int8)
+        target = np.array([mix[c] for c in CLASSES]) * area.sum()
+        got = np.zeros(len(CLASSES))
+        for k in np.argsort(-area):
+            cls = int(np.argmax(target - got))
+            self.seed_class[k] = cls
+            got[cls] += area[k]
+
+    def _nearest_seed(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        d = (x[..., None] - self.seeds[:, 0]) ** 2 + (y[..., None] - self.seeds[:, 1]) ** 2
+        return np.argmin(d, axis=-1)
+
+    def _sample(self, grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        coords = np.stack([y / FIELD_STEP_UM + 1, x / FIELD_STEP_UM + 1])
+        return ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
+
+    def labels(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tissue mask, tumour mask and class index (-1 outside tumour) at points (um)."""
+        tissue = self._sample(self.tissue_field, x, y) > self.tissue_threshold
+        tumour = tissue & (self._sample(self.nest_field, x, y) > self.nest_threshold)
+        cls = np.where(tumour, self.seed_class[self._nearest_seed(x, y)], -1).astype(np.int8)
+        return tissue, tumour, cls
+
+
+def _nearest_two(seed: int, x: np.ndarray, y: np.ndarray, spacing: float, salt: int):
+    """Nearest and second-nearest jittered lattice points: (i, j, dx, dy, d1, d2)."""
+    gi = np.floor(x / spacing).astype(np.int64)
+    gj = np.floor(y / spacing).astype(np.int64)
+    best = [np.full(x.shape, np.inf), np.full(x.shape, np.inf)]
+    bi = np.zeros(x.shape, np.int64)
+    bj = np.zeros(x.shape, np.int64)
+    bdx = np.zeros(x.shape)
+    bdy = np.zeros(x.shape)
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            i, j = gi + di, gj + dj
+            cx = (i + 0.15 + 0.7 * _hash01(seed, i, j, salt)) * spacing
+            cy = (j + 0.15 + 0.7 * _hash01(seed, i, j, salt + 1)) * spacing
+            dx, dy = x - cx, y - cy
+            d = np.hypot(dx, dy)
+            closer = d < best[0]
+            second = np.where(closer, best[0], np.minimum(best[1], d))
+            best[1] = second
+            best[0] = np.where(closer, d, best[0])
+            bi = np.where(closer, i, bi)
+            bj = np.where(closer, j, bj)
+            bdx = np.where(closer, dx, bdx)
+            bdy = np.where(closer, dy, bdy)
+    return bi, bj, bdx, bdy, best[0], best[1]
+
+
+def _soft_edge(signed_um: np.ndarray, mpp: float) -> np.ndarray:
+    """Anti-aliased inside indicator for a signed distance (negative inside)."""
+    return 1.0 / (1.0 + np.exp(np.clip(signed_um / max(0.25 * mpp, 0.1), -50, 50)))
+
+
+def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, height_px: int, mpp: float) -> Rendered:
+    """Render ``width_px x height_px`` pixels of spacing ``mpp`` um whose top-left corner is at (x_um, y_um)."""
+    centre = CENTRES[spec.centre]
+    layout = spec.layout
+    ys, xs = np.mgrid[0:height_px, 0:width_px].astype(np.float64)
+    x = x_um + (xs + 0.5) * mpp
+    y = y_um + (ys + 0.5) * mpp
+    tissue, tumour, cls = layout.labels(x, y)
+
+    # Tumour cells: Voronoi of a jittered lattice.
+    ci, cj, dx, dy, d1, d2 = _nearest_two(spec.seed, x, y, CELL_SPACING_UM, salt=11)
+    gap = (d2 - d1) / 2.0  # approximate distance to the cell boundary
+    rnd = lambda salt: _hash01(spec.seed, ci, cj, salt)  # noqa: E731 - per-cell random value
+    nuc_r = 3.2 + 1.2 * rnd(21)
+    angle = np.arctan2(dy, dx)
+    nucleus = _soft_edge(d1 * (1.0 + 0.25 * np.cos(2 * (angle - 6.283 * rnd(22)))) - nuc_r, mpp)
+    membrane_conc = np.zeros_like(x)
+    membrane_width = np.zeros_like(x)
+    stained_arc = np.zeros(x.shape, bool)
+    for k, name in enumerate(CLASSES):
+        (c_lo, c_hi), (f_lo, f_hi), width = STAINING[name]
+        here = cls == k
+        if not here.any() or c_hi == 0.0:
+            continue
+        conc = c_lo + (c_hi - c_lo) * rnd(31)
+        frac = f_lo + (f_hi - f_lo) * rnd(32)
+        phase = 6.283185 * rnd(33)
+        arc = np.mod(angle - phase, 6.283185) < frac * 6.283185
+        membrane_conc = np.where(here, conc, membrane_conc)
+        membrane_width = np.where(here, width, membrane_width)
+        stained_arc |= here & arc
+    sigma = np.sqrt((membrane_width / 2.355) ** 2 + (0.5 * mpp) ** 2)
+    profile = membrane_width / (sigma * 2.5066) * np.exp(-0.5 * (gap / sigma) ** 2)
+    dab = np.where(tumour & stained_arc, membrane_conc * profile, 0.0)
+    membrane = tumour & stained_arc & (gap < np.maximum(membrane_width / 2.0, 0.5 * mpp))
+    h_tumour = 0.08 + (0.55 + 0.3 * rnd(41)) * nucleus
+
+    # Stroma: pale fibres and sparse elongated fibroblast nuclei.
+    si, sj, sdx, sdy, s1, _ = _nearest_two(spec.seed, x, y, STROMA_SPACING_UM, salt=51)
+    present = _hash01(spec.seed, si, sj, 52) < 0.35
+    theta = 3.14159 * _hash01(spec.seed, si, sj, 53)
+    u = sdx * np.cos(theta) + sdy * np.sin(theta)
+    v = -sdx * np.sin(theta) + sdy * np.cos(theta)
+    fib_nucleus = present * _soft_edge(np.hypot(u / 3.0, v / 1.2) - 1.0, mpp / 2.0)
+    fibres = 0.5 + 0.5 * np.sin((x * 0.8 + y * 0.35) / 2.5 + 3.0 * np.sin(y / 40.0))
+    h_stroma = 0.15 + 0.10 * fibres + 0.6 * fib_nucleus
+
+    h = np.where(tumour, h_tumour, np.where(tissue, h_stroma, 0.0)) * centre.h_gain
+    od = h[..., None] * np.asarray(centre.stain_matrix[0]) + dab[..., None] * np.asarray(centre.stain_matrix[1])
+    od = od + np.where(tissue, 0.03, 0.01)[..., None]
+    if centre.blur_um > 0:
+        s = centre.blur_um / mpp
+        od = ndimage.gaussian_filter(od, sigma=(s, s, 0))
+    noise_rng = np.random.default_rng([spec.seed, int(x_um * 64), int(y_um * 64), int(mpp * 1000)])
+    rgb = (I0 + 1.0) * np.exp(-od) - 1.0 + noise_rng.normal(0.0, 1.5, od.shape)
+    return Rendered(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), membrane, cls)
+
+
+def render_thumbnail(spec: SlideSpec, mpp: float = 16.0, supersample: int = 4) -> np.ndarray:
+    """The whole slide at ``mpp`` um/px, area-averaged from a ``supersample``-times finer render."""
+    fine = mpp / supersample
+    w = int(np.ceil(spec.width_um / mpp)) * supersample
+    h = int(np.ceil(spec.height_um / mpp)) * supersample
+    rgb = render_region(spec, 0.0, 0.0, w, h, fine).rgb.astype(np.float32)
+    rgb = rgb.reshape(h // supersample, supersample, w // supersample, supersample, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def truth_grid(spec: SlideSpec, tile_um: float, samples: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile ground truth on the grid of ``tile_um`` tiles from (0, 0).
+
+    Returns class fractions of the tumour area (rows, cols, 4; zeros where no
+    tumour) and the tumour fraction of each tile's area (rows, cols).
+    """
+    rows = int(np.ceil(spec.height_um / tile_um))
+    cols = int(np.ceil(spec.width_um / tile_um))
+    step = tile_um / samples
+    ys, xs = np.mgrid[0 : rows * samples, 0 : cols * samples].astype(np.float64)
+    _, tumour, cls = spec.layout.labels((xs + 0.5) * step, (ys + 0.5) * step)
+    onehot = np.stack([(cls == k) for k in range(len(CLASSES))], axis=-1).astype(np.float64)
+    per_tile = onehot.reshape(rows, samples, cols, samples, len(CLASSES)).sum(axis=(1, 3))
+    tumour_frac = tumour.reshape(rows, samples, cols, samples).mean(axis=(1, 3))
+    totals = per_tile.sum(axis=-1, keepdims=True)
+    fractions = np.divide(per_tile, totals, out=np.zeros_like(per_tile), where=totals > 0)
+    return fractions, tumour_frac
+
+
+def slide_truth(spec: SlideSpec, tile_um: float = 256.0) -> tuple[dict[str, float], SlideCall]:
+    """Ground-truth tumour-area percentages per class and the ASCO/CAP call (rules applied literally)."""
+    fractions, tumour = truth_grid(spec, tile_um)
+    weights = fractions * tumour[..., None]
+    total = weights.sum()
+    pct = {c: (100.0 * float(weights[..., k].sum()) / total if total else 0.0) for k, c in enumerate(CLASSES)}
+    return pct, asco_cap_call(pct)
+
+
+def random_spec(rng: np.random.Generator, centre: str, patient_id: str, size_um: tuple[float, float] = (2048.0, 2048.0)) -> SlideSpec:
+    """A slide with a random dominant class and a random minority mix (for cohorts)."""
+    dominant = CLASSES[int(rng.integers(len(CLASSES)))]
+    mix = {c: 0.0 for c in CLASSES}
+    mix[dominant] = 1.0
+    if rng.random() < 0.5:
+        other = CLASSES[int(rng.integers(len(CLASSES)))]
+        mix[other] += float(rng.uniform(0.1, 0.6))
+    return SlideSpec(
+        seed=int(rng.integers(2**31)),
+        width_um=size_um[0],
+        height_um=size_um[1],
+        class_mix=mix,
+        tumour_fraction=float(rng.uniform(0.4, 0.9)),
+        centre=centre,
+        patient_id=patient_id,
+    )
