@@ -154,12 +154,15 @@ class Slide:
         have = ", ".join(f"{lvl.mpp:.3g}" for lvl in self.levels)
         raise SlideError(f"slide has no pyramid level at {mpp} um/px (levels: {have} um/px)")
 
-    def thumbnail(self, target_mpp: float = 8.0) -> tuple[np.ndarray, LevelInfo]:
-        """The whole coarsest level that is still at least as fine as ``target_mpp`` (or the finest)."""
-        fine_enough = [lvl for lvl in self.levels if lvl.mpp <= target_mpp] or self.levels[:1]
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at ``mpp`` um/px: the coarsest level at least that fine, box-resampled."""
+        fine_enough = [lvl for lvl in self.levels if lvl.mpp <= mpp * 1.001] or self.levels[:1]
         info = fine_enough[-1]
-        region = self._wsi.read_region((0, 0), info.index, (info.width, info.height))
-        return np.asarray(region.convert("RGB")), info
+        region = self._wsi.read_region((0, 0), info.index, (info.width, info.height)).convert("RGB")
+        size = (max(1, round(info.width * info.mpp / mpp)), max(1, round(info.height * info.mpp / mpp)))
+        if size != region.size:
+            region = region.resize(size, Image.Resampling.BOX)
+        return np.asarray(region)
 
     def tile_reader(self, level: LevelInfo, tile_size: int):
         """A function (row, col) -> RGB uint8 (tile_size, tile_size, 3) for ``level``.

@@ -41,6 +41,7 @@ from scipy import ndimage
 
 from worker.aggregate import CLASSES, SlideCall, asco_cap_call
 from worker.preprocessing.stain import I0, REFERENCE
+from worker.preprocessing.tissue import THUMBNAIL_MPP
 
 #: Coarse grid (um) on which the smooth layout fields are defined.
 FIELD_STEP_UM = 32.0
@@ -283,7 +284,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     return Rendered(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), membrane, cls)
 
 
-def render_thumbnail(spec: SlideSpec, mpp: float = 16.0, supersample: int = 4) -> np.ndarray:
+def render_thumbnail(spec: SlideSpec, mpp: float = THUMBNAIL_MPP, supersample: int = 4) -> np.ndarray:
     """The whole slide at ``mpp`` um/px, area-averaged from a ``supersample``-times finer render."""
     fine = mpp / supersample
     w = int(np.ceil(spec.width_um / mpp)) * supersample

@@ -5,9 +5,10 @@ Macenko stain normalisation with DAB kept on an absolute scale.
 
 from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, optical_density
 from worker.preprocessing.tiling import candidate_tiles, grid_for_level, white_fraction
-from worker.preprocessing.tissue import fit_slide, tissue_mask
+from worker.preprocessing.tissue import THUMBNAIL_MPP, fit_slide, tissue_mask
 
 __all__ = [
+    "THUMBNAIL_MPP",
     "REFERENCE",
     "StainNormaliser",
     "StainReference",

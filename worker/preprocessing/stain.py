@@ -9,7 +9,7 @@ tile would be stretched to look like 3+), so this module differs:
 
 * stain vectors are estimated **per slide** (from many tissue pixels, e.g. the
   tissue of a low-resolution level), never per tile;
-* an estimated vector that is degenerate or far (> ``max_angle_deg``) from the
+* an estimated vector that is degenerate or far (> ``max_angle_deg``, 15 deg) from the
   reference vector of its stain is replaced by the reference vector (a slide
   with no DAB at all has no DAB direction to estimate);
 * haematoxylin concentration is scaled per slide so its 99th percentile matches
@@ -64,7 +64,7 @@ class StainReference:
 #: Ruifrok & Johnston haematoxylin and DAB OD vectors (as in scikit-image's rgb2hed).
 REFERENCE = StainReference(
     stain_matrix=((0.650, 0.704, 0.286), (0.268, 0.570, 0.776)),
-    h_max=1.2,
+    h_max=0.70,
 )
 
 
@@ -74,7 +74,7 @@ def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def estimate_stain_vectors(
-    od: np.ndarray, reference: StainReference = REFERENCE, alpha: float = 1.0, max_angle_deg: float = 25.0
+    od: np.ndarray, reference: StainReference = REFERENCE, alpha: float = 1.0, max_angle_deg: float = 15.0
 ) -> tuple[np.ndarray, list[str]]:
     """Macenko estimate of the (2, 3) stain matrix from OD pixels (N, 3).
 
@@ -98,11 +98,13 @@ def estimate_stain_vectors(
     h_second = _angle_deg(candidates[1], ref[0]) + _angle_deg(candidates[0], ref[1])
     h_vec, d_vec = candidates if h_first <= h_second else candidates[::-1]
     out = ref.copy()
-    degenerate = _angle_deg(h_vec, d_vec) < 5.0
+    # Two nearly parallel extremes mean one stain is absent (typically no DAB): keep only H.
+    if _angle_deg(h_vec, d_vec) < 5.0:
+        d_vec = -ref[1]
     for i, (name, vec) in enumerate((("haematoxylin", h_vec), ("DAB", d_vec))):
         angle = _angle_deg(vec, ref[i])
-        if degenerate or angle > max_angle_deg:
-            notes.append(f"{name} vector not estimable (angle to reference {angle:.0f} deg): reference used")
+        if angle > max_angle_deg:
+            notes.append(f"stain: {name} vector not estimable on this slide (too little {name}?): reference used")
         else:
             out[i] = _unit(vec)
     return out.astype(np.float32), notes

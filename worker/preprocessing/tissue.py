@@ -14,6 +14,9 @@ from skimage.morphology import remove_small_objects
 
 from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, optical_density
 
+#: Pixel spacing (um) of the thumbnail on which tissue is found and stains are fitted.
+#: Inference and training must both use it: the haematoxylin percentile depends on resolution.
+THUMBNAIL_MPP = 8.0
 #: Optical density (sum over RGB) below which a pixel is glass whatever Otsu says.
 MIN_TISSUE_OD = 0.25
 
@@ -30,7 +33,7 @@ def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
 
 
 def fit_slide(thumbnail: np.ndarray, reference: StainReference = REFERENCE) -> tuple[np.ndarray, StainNormaliser]:
-    """Tissue mask of a slide's thumbnail and the stain normaliser fitted on its tissue pixels.
+    """Tissue mask of a slide's thumbnail (at :data:`THUMBNAIL_MPP`) and the stain normaliser fitted on its tissue.
 
     The one entry point both inference and training use to prepare a slide.
     """

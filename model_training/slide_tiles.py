@@ -1,0 +1,66 @@
+"""Training tiles from DICOM slides, through the inference path (:mod:`worker.tiles`).
+
+Synthetic slides are first written as DICOM (``her2 synth`` /
+:func:`model_training.synthetic_dicom.write_synthetic_slide`) and then read
+back exactly as the worker reads a slide from the PACS: same pyramid level,
+same thumbnail, same tissue mask, same stain fit, same white filter, same
+normalisation, same JPEG artefacts. Only the labels come from the generator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dicom_io.wsi import open_slide
+from model_training.synthetic import SlideSpec, truth_grid
+from model_training.synthetic_dicom import TRUTH_FILE
+from worker.preprocessing import REFERENCE, StainReference
+from worker.tiles import prepare_slide, tile_batches
+
+
+@dataclass
+class SlideTiles:
+    """Normalised tissue tiles of one slide with their per-tile ground truth."""
+
+    tiles: np.ndarray  # (N, T, T, 3) uint8, normalised
+    class_fractions: np.ndarray  # (N, 4) share of the tile's tumour area per class
+    tumour_fraction: np.ndarray  # (N,) share of the tile's area that is tumour
+    positions: list[tuple[int, int]]
+    patient_id: str
+    centre: str
+
+
+def load_spec(series_dir: Path) -> SlideSpec:
+    """The :class:`SlideSpec` recorded in a synthetic slide's ground-truth sidecar."""
+    spec = json.loads((Path(series_dir) / TRUTH_FILE).read_text())["spec"]
+    return SlideSpec(**spec)
+
+
+def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1.0,
+                          reference: StainReference = REFERENCE, white_fraction_max: float = 0.6,
+                          batch_size: int = 16, threads: int = 2) -> SlideTiles:
+    """All kept tissue tiles of a synthetic DICOM slide at ``mpp`` um/px, with ground truth."""
+    spec = load_spec(series_dir)
+    fractions, tumour = truth_grid(spec, tile_size * mpp)
+    tiles, positions = [], []
+    with open_slide(series_dir) as slide:
+        prepared = prepare_slide(slide, tile_size, mpp, reference)
+        for batch in tile_batches(prepared, batch_size, threads, white_fraction_max):
+            tiles.append(batch.tiles)
+            positions.extend(batch.positions)
+    rows, cols = (np.array(positions, dtype=int).reshape(-1, 2).T if positions else (np.zeros(0, int),) * 2)
+    # The slide's pixel grid may extend past the spec by a partial tile: clip to the truth grid.
+    rows = np.minimum(rows, fractions.shape[0] - 1)
+    cols = np.minimum(cols, fractions.shape[1] - 1)
+    return SlideTiles(
+        tiles=np.concatenate(tiles) if tiles else np.zeros((0, tile_size, tile_size, 3), np.uint8),
+        class_fractions=fractions[rows, cols].astype(np.float32),
+        tumour_fraction=tumour[rows, cols].astype(np.float32),
+        positions=positions,
+        patient_id=spec.patient_id,
+        centre=spec.centre,
+    )

@@ -1,0 +1,193 @@
+"""``her2``: the one command-line entry point.
+
+Research use only - not for clinical use until validated on real slides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from dicom_io.errors import SlideError
+from worker.aggregate import CLASSES
+from worker.model_card import ModelCardError
+from worker.settings import Settings, load_settings
+
+EPILOG = "Research use only - not for clinical use. Configuration: --config FILE (JSON/TOML) or HER2_<KEY> env vars; see `her2 config`."
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in {"model_path": getattr(args, "model", None),
+                                     "device": getattr(args, "device", None)}.items() if v is not None}
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in text.split(","):
+        name, _, value = part.partition(":")
+        if name.strip() not in CLASSES or not value:
+            raise argparse.ArgumentTypeError(f"bad class mix {text!r}: use e.g. '0:0.5,3+:0.5' with classes {CLASSES}")
+        mix[name.strip()] = float(value)
+    return mix
+
+
+def _parse_size(text: str) -> tuple[float, float]:
+    try:
+        w, h = (float(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use WIDTHxHEIGHT in micrometres, e.g. 4096x3072") from None
+    return w, h
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from model_training.synthetic import SlideSpec
+    from model_training.synthetic_dicom import write_synthetic_slide
+
+    mix = args.mix or {args.grade: 1.0}
+    spec = SlideSpec(seed=args.seed, width_um=args.size[0], height_um=args.size[1], class_mix=mix,
+                     tumour_fraction=args.tumour_fraction, centre=args.centre, patient_id=args.patient_id)
+    mpp = {10: 1.0, 40: 0.25}[args.magnification]
+    rows = -(-int(spec.height_um / mpp) // 512)
+    cols = -(-int(spec.width_um / mpp) // 512)
+    with tqdm(total=rows * cols, unit="tile", desc="rendering", disable=args.quiet) as bar:
+        files, truth = write_synthetic_slide(spec, args.out, mpp=mpp, progress=bar.update)
+    t = json.loads(truth.read_text())
+    print(f"wrote {len(files)} pyramid levels to {args.out} (ground truth: {t['call']}, "
+          + ", ".join(f"{c} {t['percentages'][c]:.1f} %" for c in CLASSES) + ")")
+    return 0
+
+
+def print_summary(result, out_dir: Path | None) -> None:
+    score = result.score
+    print(f"HER2 IHC slide call: {score.call.value}")
+    print("tumour-area percentages: " + ", ".join(f"{c}: {score.percentages[c]:.1f} %" for c in CLASSES))
+    print(f"reflex ISH: {'YES (2+ equivocal)' if score.reflex_ish else 'no'}")
+    print(f"tumour area: {score.tumour_area_mm2:.2f} mm2 in {int(score.scored.sum())} tiles "
+          f"({result.stats['seconds']:.1f} s)")
+    for flag in score.flags:
+        print(f"note: {flag}")
+    if out_dir is not None:
+        print(f"results in {out_dir}: " + ", ".join(p.name for p in result.files))
+
+
+def _score(series: Path, settings: Settings, out_dir: Path, quiet: bool):
+    from tqdm import tqdm
+
+    from worker.pipeline import score_slide
+
+    with tqdm(unit="tile", desc="scoring", disable=quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        return score_slide(series, settings, out_dir, progress=progress)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    out_dir = args.out or settings.output_dir
+    result = _score(args.series, settings, out_dir, args.quiet)
+    print_summary(result, out_dir)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.size, args.tumour_fraction, args.centre, args.patient_id = (4096.0, 3072.0), 0.7, "A", "DEMO-0001"
+    args.mix = {"0": 0.35, "1+": 0.35, "2+": 0.2, "3+": 0.1}
+    args.magnification = 10
+    slide_dir = args.out / "slide"
+    args.out = slide_dir
+    cmd_synth(args)
+    settings = _settings(args)
+    result_dir = slide_dir.parent / "results"
+    result = _score(slide_dir, settings, result_dir, args.quiet)
+    truth = json.loads((slide_dir / "ground_truth.json").read_text())
+    print_summary(result, result_dir)
+    print(f"ground truth of this synthetic slide: {truth['call']} ("
+          + ", ".join(f"{c}: {truth['percentages'][c]:.1f} %" for c in CLASSES) + ")")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    for name, info in Settings.model_fields.items():
+        print(f"{name} = {json.dumps(getattr(settings, name), default=str)}\n    HER2_{name.upper()}: {info.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="her2", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (never patient data)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="settings file (JSON or TOML); env HER2_<KEY> overrides it")
+        p.add_argument("--model", type=Path, help="ONNX model (its card .json must sit beside it)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    def synth_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=1, help="random seed: same seed, same slide and UIDs")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("synth", help="write a synthetic HER2 IHC slide as DICOM WSI + ground truth",
+                       description="Render a synthetic HER2 IHC slide (tumour nests with ASCO/CAP membrane staining "
+                       "patterns, stroma, glass) and write it as a DICOM VL Whole Slide Microscopy series "
+                       "(JPEG TILED_FULL pyramid) plus ground_truth.json.")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    synth_options(p)
+    p.add_argument("--grade", choices=CLASSES, default="3+", help="single HER2 class of all tumour (default 3+)")
+    p.add_argument("--mix", type=_parse_mix, help="class mix of the tumour area, e.g. '0:0.6,1+:0.3,3+:0.1'")
+    p.add_argument("--tumour-fraction", type=float, default=0.7, help="share of tissue that is tumour (0-1]")
+    p.add_argument("--size", type=_parse_size, default=(4096.0, 3072.0), help="slide size WxH in um")
+    p.add_argument("--magnification", type=int, choices=[10, 40], default=10,
+                   help="base level: 10x (1.0 um/px) or 40x (0.25 um/px)")
+    p.add_argument("--centre", choices=["A", "B"], default="A", help="synthetic lab (B: other stain colour, blur)")
+    p.add_argument("--patient-id", default="SYNTH-0001", help="PatientID written into the slide")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("score", help="score a DICOM WSI folder; write SR, SEG heatmap, overlay PNG",
+                       description="Score one slide (a folder holding the DICOM files of one VL WSM series) with "
+                       "the ONNX model and write a TID 1500 SR, a SEG heatmap, an overlay PNG and summary.json.")
+    p.add_argument("series", type=Path, help="folder (or file) with the slide's DICOM instances")
+    p.add_argument("--out", type=Path, help="output folder (default: settings output_dir)")
+    common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("demo", help="generate a sample slide and score it with the bundled model",
+                       description="The bundled default job: synthesise a mixed HER2 slide as DICOM and score it "
+                       "in-process (no Redis or PACS needed).")
+    p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
+    common(p)
+    synth_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="print the effective settings and what each key means")
+    common(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (SlideError, ModelCardError, ValidationError, FileNotFoundError) as exc:
+        print(f"her2: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""PNG overlay for pathologists: tile grades over the slide thumbnail, with a legend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from worker.aggregate import CLASSES, SlideScore
+
+#: Colour per class: 0 blue, 1+ yellow, 2+ orange, 3+ red.
+CLASS_COLOURS = np.array([(60, 110, 220), (240, 220, 40), (245, 140, 20), (215, 30, 30)], np.float32)
+
+
+def overlay_image(thumbnail: np.ndarray, score: SlideScore, level_px_per_thumb_px: float,
+                  alpha: float = 0.45) -> Image.Image:
+    """Blend the argmax class of each scored tile over ``thumbnail``.
+
+    ``level_px_per_thumb_px`` is the size of one thumbnail pixel in pixels of
+    the scored level (thumbnail mpp / level mpp).
+    """
+    grid = score.grid
+    h, w = thumbnail.shape[:2]
+    colours = np.zeros((grid.rows, grid.cols, 3), np.float32)
+    weight = np.zeros((grid.rows, grid.cols), np.float32)
+    if score.scored.any():
+        cls = np.argmax(np.where(score.scored[..., None], np.nan_to_num(score.probabilities), -1.0), axis=-1)
+        colours = CLASS_COLOURS[cls]
+        weight = np.where(score.scored, alpha * np.clip(0.3 + score.tumour_fraction, 0, 1), 0.0)
+    # Each thumbnail pixel takes the value of the tile under its centre.
+    ri = np.clip(((np.arange(h) + 0.5) * level_px_per_thumb_px // grid.tile_size).astype(int), 0, grid.rows - 1)
+    ci = np.clip(((np.arange(w) + 0.5) * level_px_per_thumb_px // grid.tile_size).astype(int), 0, grid.cols - 1)
+    tile_colour = colours[ri][:, ci]
+    tile_weight = weight[ri][:, ci][..., None]
+    blended = thumbnail.astype(np.float32) * (1 - tile_weight) + tile_colour * tile_weight
+    image = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
+    return _with_legend(image, score)
+
+
+def _with_legend(image: Image.Image, score: SlideScore) -> Image.Image:
+    legend_h = 22 * (len(CLASSES) + 2)
+    canvas = Image.new("RGB", (max(image.width, 320), image.height + legend_h), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = image.height + 4
+    draw.text((6, y), f"HER2 IHC call: {score.call.value}   (research use only, not for clinical use)", fill="black")
+    for k, name in enumerate(CLASSES):
+        y += 22
+        draw.rectangle((6, y, 22, y + 14), fill=tuple(int(v) for v in CLASS_COLOURS[k]))
+        draw.text((30, y), f"{name}: {score.percentages[name]:.1f} % of tumour area", fill="black")
+    return canvas
+
+
+def write_overlay(thumbnail: np.ndarray, score: SlideScore, level_px_per_thumb_px: float, path: Path) -> Path:
+    overlay_image(thumbnail, score, level_px_per_thumb_px).save(path)
+    return path

@@ -1,0 +1,111 @@
+"""From an opened slide to batches of normalised tissue tiles: the path inference and training share.
+
+``prepare_slide`` finds tissue on a thumbnail at :data:`THUMBNAIL_MPP`, fits
+the slide's stain normaliser there and lays the tile grid at the model's
+magnification; ``tile_batches`` reads only tissue tiles, decoding them in a
+thread pool a bounded number of batches ahead of the consumer, drops tiles
+with too much white background and normalises each batch. Training reads
+synthetic slides through exactly this code (as DICOM files), so the model
+never sees tiles prepared differently from the ones it grades.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from dicom_io.errors import CorruptTileError
+from dicom_io.wsi import LevelInfo, Slide
+from worker.aggregate import TileGrid
+from worker.preprocessing import (
+    THUMBNAIL_MPP,
+    StainNormaliser,
+    StainReference,
+    candidate_tiles,
+    fit_slide,
+    grid_for_level,
+    white_fraction,
+)
+
+Position = tuple[int, int]
+
+
+@dataclass
+class PreparedSlide:
+    """A slide ready for tiling: scored level, grid, tissue tiles, stain normaliser, tile reader."""
+
+    level: LevelInfo
+    grid: TileGrid
+    candidates: list[Position]
+    normaliser: StainNormaliser
+    thumbnail: np.ndarray
+    read: Callable[[int, int], np.ndarray]
+
+
+@dataclass
+class TileBatch:
+    """Kept tiles of one batch (normalised, uint8 NHWC), their positions and white fractions."""
+
+    positions: list[Position]
+    tiles: np.ndarray
+    white: np.ndarray
+    corrupt: int
+    read: int
+
+
+def prepare_slide(slide: Slide, tile_size: int, mpp: float, reference: StainReference) -> PreparedSlide:
+    """Thumbnail, tissue mask, stain fit and tile grid at ``mpp`` um/px."""
+    level = slide.level_for_mpp(mpp)
+    thumbnail = slide.thumbnail(THUMBNAIL_MPP)
+    mask, normaliser = fit_slide(thumbnail, reference)
+    grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
+    return PreparedSlide(level, grid, candidate_tiles(mask, grid), normaliser, thumbnail,
+                         slide.tile_reader(level, tile_size))
+
+
+def _read_ahead(read: Callable[[int, int], np.ndarray], positions: list[Position], batch_size: int,
+                threads: int, ahead: int = 2) -> Iterator[tuple[list[Position], list[np.ndarray | None]]]:
+    """Yield batches of decoded tiles (None for a corrupt tile) while later batches decode."""
+
+    def safe_read(pos: Position) -> np.ndarray | None:
+        try:
+            return read(*pos)
+        except CorruptTileError:
+            return None
+
+    chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque[tuple[list[Position], list[Future]]] = deque()
+        for chunk in chunks:
+            pending.append((chunk, [pool.submit(safe_read, p) for p in chunk]))
+            if len(pending) > ahead:
+                done, futures = pending.popleft()
+                yield done, [f.result() for f in futures]
+        while pending:
+            done, futures = pending.popleft()
+            yield done, [f.result() for f in futures]
+
+
+def tile_batches(prepared: PreparedSlide, batch_size: int, threads: int,
+                 white_fraction_max: float) -> Iterator[TileBatch]:
+    """Normalised tissue tiles in batches; tiles over ``white_fraction_max`` white are dropped."""
+    for positions, tiles in _read_ahead(prepared.read, prepared.candidates, batch_size, threads):
+        good = [(p, t) for p, t in zip(positions, tiles) if t is not None]
+        corrupt = len(positions) - len(good)
+        if not good:
+            yield TileBatch([], np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0), corrupt, len(positions))
+            continue
+        batch = np.stack([t for _, t in good])
+        white = white_fraction(batch)
+        keep = white <= white_fraction_max
+        yield TileBatch(
+            positions=[p for (p, _), k in zip(good, keep) if k],
+            tiles=prepared.normaliser(batch[keep]),
+            white=white[keep],
+            corrupt=corrupt,
+            read=len(positions),
+        )
