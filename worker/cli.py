@@ -138,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def synth_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=1, help="random seed: same seed, same slide and UIDs")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("synth", help="write a synthetic HER2 IHC slide as DICOM WSI + ground truth",
                        description="Render a synthetic HER2 IHC slide (tumour nests with ASCO/CAP membrane staining "
                        "patterns, stroma, glass) and write it as a DICOM VL Whole Slide Microscopy series "
                        "(JPEG TILED_FULL pyramid) plus ground_truth.json.")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     synth_options(p)
     p.add_argument("--grade", choices=CLASSES, default="3+", help="single HER2 class of all tumour (default 3+)")
     p.add_argument("--mix", type=_parse_mix, help="class mix of the tumour area, e.g. '0:0.6,1+:0.3,3+:0.1'")

@@ -68,9 +68,9 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
                 progress: Callable[[int, int], None] | None = None) -> ScoringResult:
     """Score the slide in ``series_dir``; write results to ``out_dir`` when given."""
     started = time.perf_counter()
-    model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
-                       settings.white_fraction_max)
     with open_slide(series_dir) as slide:
+        model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
+                           settings.white_fraction_max)
         prepared = prepare_slide(slide, model.card.tile_size, model.card.mpp, model.card.stain)
         score, stats = grade_tiles(prepared, model, settings, progress)
         level_ds = slide.level_dataset(prepared.level.index)

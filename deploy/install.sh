@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up her2-dicom-worker on a fresh Debian/Ubuntu machine.
+#
+#   bash deploy/install.sh              worker + CLI in .venv (no torch)
+#   bash deploy/install.sh --dev        + test tools
+#   bash deploy/install.sh --train      + torch/torchvision for model_training (~5 GB)
+#   bash deploy/install.sh --services   + Debian orthanc, redis-server, dcmtk (integration tests, local stack)
+#   bash deploy/install.sh --gpu        + onnxruntime-gpu (CUDA execution provider)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=()
+services=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras+=(dev) ;;
+    --train) extras+=(train) ;;
+    --gpu) extras+=(gpu) ;;
+    --services) services=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$services" = 1 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  if ! command -v Orthanc >/dev/null || ! command -v redis-server >/dev/null || ! command -v storescu >/dev/null; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc redis-server dcmtk >/dev/null
+  fi
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+spec="."
+if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+echo "installed her2-dicom-worker ($spec) into .venv: run .venv/bin/her2 --help"

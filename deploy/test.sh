@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up everything the tests need (Python deps incl. torch, Orthanc, redis-server, dcmtk) and run them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/install.sh --dev --train --services
+exec .venv/bin/python -m pytest -q "$@"
