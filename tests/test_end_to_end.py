@@ -1,0 +1,85 @@
+"""Score synthetic DICOM slides end to end with the bundled default model and check the results."""
+
+import json
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_io.results import read_sr_call
+from worker.aggregate import CLASSES, SlideCall
+from worker.pipeline import score_slide
+from worker.settings import load_settings
+
+
+@pytest.fixture(scope="module")
+def scored(slides, tmp_path_factory):
+    settings = load_settings()
+    root = tmp_path_factory.mktemp("results")
+    return {name: score_slide(folder, settings, root / name) for name, folder in slides.items()}
+
+
+def truth(folder):
+    return json.loads((folder / "ground_truth.json").read_text())
+
+
+def test_clear_cut_slides_get_the_right_call(scored, slides):
+    assert truth(slides["0"])["call"] == "0" and truth(slides["3+"])["call"] == "3+"
+    assert scored["0"].score.call is SlideCall.ZERO
+    assert scored["3+"].score.call is SlideCall.THREE
+    assert not scored["0"].score.reflex_ish
+
+
+def test_mixed_slide_percentages_within_10_points(scored, slides):
+    expected = truth(slides["mixed"])["percentages"]
+    got = scored["mixed"].score.percentages
+    for c in CLASSES:
+        assert abs(got[c] - expected[c]) <= 10.0, (c, got, expected)
+
+
+def test_result_objects_read_back(scored, slides):
+    for name, result in scored.items():
+        files = {p.name: p for p in result.files}
+        sr = pydicom.dcmread(files["her2_sr.dcm"])
+        seg = pydicom.dcmread(files["her2_heatmap_seg.dcm"])
+        source = pydicom.dcmread(slides[name] / "level-0.dcm", stop_before_pixels=True)
+        assert read_sr_call(sr) == result.score.call.value.split(" ")[0]
+        for ds in (sr, seg):
+            assert ds.PatientID == source.PatientID
+            assert ds.PatientName == source.PatientName
+            assert ds.StudyInstanceUID == source.StudyInstanceUID
+            assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        referenced = {
+            inst.ReferencedSOPInstanceUID
+            for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for inst in series.ReferencedSOPSequence
+        }
+        source_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in slides[name].glob("*.dcm")}
+        assert referenced and referenced <= source_uids
+        assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+        grid = result.score.grid
+        assert (seg.TotalPixelMatrixRows, seg.TotalPixelMatrixColumns) == (grid.rows, grid.cols)
+        spacing = [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+        assert spacing == pytest.approx([grid.tile_size * grid.pixel_spacing_mm[0]] * 2)
+
+
+def test_heatmap_holds_tile_probabilities(scored):
+    result = scored["mixed"]
+    files = {p.name: p for p in result.files}
+    seg = hd.seg.segread(files["her2_heatmap_seg.dcm"])
+    probs = np.nan_to_num(result.score.probabilities)
+    for k in range(len(CLASSES)):
+        tpm = seg.get_total_pixel_matrix(segment_numbers=[k + 1], combine_segments=False)
+        assert np.abs(tpm[..., 0] - probs[..., k]).max() <= 1 / 255 + 1e-6
+
+
+def test_scoring_twice_gives_identical_uids(scored, slides, tmp_path):
+    again = score_slide(slides["3+"], load_settings(), tmp_path)
+    first = scored["3+"]
+    for a, b in zip(first.datasets, again.datasets):
+        assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["call"] == first.score.call.value
+    assert "not for clinical use" in summary["intended_use"].lower()
