@@ -154,15 +154,22 @@ class Slide:
         have = ", ".join(f"{lvl.mpp:.3g}" for lvl in self.levels)
         raise SlideError(f"slide has no pyramid level at {mpp} um/px (levels: {have} um/px)")
 
-    def thumbnail(self, mpp: float) -> np.ndarray:
-        """The whole slide at ``mpp`` um/px: the coarsest level at least that fine, box-resampled."""
-        fine_enough = [lvl for lvl in self.levels if lvl.mpp <= mpp * 1.001] or self.levels[:1]
-        info = fine_enough[-1]
+    def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
+        """The whole slide at ``mpp`` um/px and that spacing.
+
+        Read from the coarsest level at least that fine and box-resampled; a
+        slide with no level that fine gets its finest level as it is (never
+        upsampled), with that level's spacing returned.
+        """
+        fine_enough = [lvl for lvl in self.levels if lvl.mpp <= mpp * 1.001]
+        info = fine_enough[-1] if fine_enough else self.levels[0]
         region = self._wsi.read_region((0, 0), info.index, (info.width, info.height)).convert("RGB")
+        if not fine_enough:
+            return np.asarray(region), info.mpp
         size = (max(1, round(info.width * info.mpp / mpp)), max(1, round(info.height * info.mpp / mpp)))
         if size != region.size:
             region = region.resize(size, Image.Resampling.BOX)
-        return np.asarray(region)
+        return np.asarray(region), mpp
 
     def tile_reader(self, level: LevelInfo, tile_size: int):
         """A function (row, col) -> RGB uint8 (tile_size, tile_size, 3) for ``level``.

@@ -29,7 +29,6 @@ from dicom_io.wsi import SourceIdentity, open_slide
 from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_call, class_percentages
 from worker.inference import TileModel
 from worker.overlay import write_overlay
-from worker.preprocessing import THUMBNAIL_MPP
 from worker.settings import Settings
 from worker.tiles import PreparedSlide, prepare_slide, tile_batches
 
@@ -82,7 +81,7 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
     stats["seconds"] = time.perf_counter() - started
     result = ScoringResult(score=score, source=source, datasets=datasets, stats=stats)
     if out_dir is not None:
-        result.files = write_outputs(result, prepared.thumbnail, THUMBNAIL_MPP / prepared.level.mpp,
+        result.files = write_outputs(result, prepared.thumbnail, prepared.thumbnail_mpp / prepared.level.mpp,
                                      Path(out_dir), model)
     log.info("scored series %s: %s in %.1f s (%d tiles)", source.series_instance_uid, score.call.value,
              stats["seconds"], stats["tiles_scored"])

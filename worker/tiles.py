@@ -43,6 +43,7 @@ class PreparedSlide:
     candidates: list[Position]
     normaliser: StainNormaliser
     thumbnail: np.ndarray
+    thumbnail_mpp: float
     read: Callable[[int, int], np.ndarray]
 
 
@@ -60,10 +61,10 @@ class TileBatch:
 def prepare_slide(slide: Slide, tile_size: int, mpp: float, reference: StainReference) -> PreparedSlide:
     """Thumbnail, tissue mask, stain fit and tile grid at ``mpp`` um/px."""
     level = slide.level_for_mpp(mpp)
-    thumbnail = slide.thumbnail(THUMBNAIL_MPP)
+    thumbnail, thumbnail_mpp = slide.thumbnail(THUMBNAIL_MPP)
     mask, normaliser = fit_slide(thumbnail, reference)
     grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
-    return PreparedSlide(level, grid, candidate_tiles(mask, grid), normaliser, thumbnail,
+    return PreparedSlide(level, grid, candidate_tiles(mask, grid), normaliser, thumbnail, thumbnail_mpp,
                          slide.tile_reader(level, tile_size))
 
 
