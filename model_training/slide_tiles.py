@@ -19,7 +19,7 @@ from dicom_io.wsi import open_slide
 from model_training.synthetic import SlideSpec, truth_grid
 from model_training.synthetic_dicom import TRUTH_FILE
 from worker.preprocessing import REFERENCE, StainReference
-from worker.tiles import prepare_slide, tile_batches
+from worker.tiles import prepare_slide, survey_slide, tile_batches
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SlideTiles:
 def load_spec(series_dir: Path) -> SlideSpec:
     """The :class:`SlideSpec` recorded in a synthetic slide's ground-truth sidecar."""
     spec = json.loads((Path(series_dir) / TRUTH_FILE).read_text())["spec"]
-    return SlideSpec(**spec)
+    return SlideSpec.from_dict(spec)
 
 
 def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1.0,
@@ -48,7 +48,7 @@ def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1
     fractions, tumour = truth_grid(spec, tile_size * mpp)
     tiles, positions = [], []
     with open_slide(series_dir) as slide:
-        prepared = prepare_slide(slide, tile_size, mpp, reference)
+        prepared = prepare_slide(slide, survey_slide(slide, reference), tile_size, mpp)
         for batch in tile_batches(prepared, batch_size, threads, white_fraction_max):
             tiles.append(batch.tiles)
             positions.extend(batch.positions)

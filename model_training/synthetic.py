@@ -59,6 +59,14 @@ STAINING: dict[str, tuple[tuple[float, float], tuple[float, float], float]] = {
 }
 
 
+#: "H&E" replaces DAB by eosin in cytoplasm and stroma: a real-world wrong-stain input for QC.
+STAINS = ("HER2-DAB", "H&E")
+EOSIN = (0.072, 0.990, 0.105)
+#: Artefacts for quality-control cases: green marker ink, a tissue fold, an out-of-focus scan.
+ARTEFACTS = ("pen", "fold", "blur")
+PEN_INK = (0.80, 0.15, 0.60)
+
+
 @dataclass(frozen=True)
 class Centre:
     """Lab/scanner characteristics of a synthetic centre."""
@@ -93,6 +101,8 @@ class SlideSpec:
     tumour_fraction: float = 0.7
     centre: str = "A"
     patient_id: str = "SYNTH-0001"
+    stain: str = "HER2-DAB"
+    artefacts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if set(self.class_mix) - set(CLASSES):
@@ -104,10 +114,19 @@ class SlideSpec:
             raise ValueError(f"tumour_fraction must be in (0, 1], got {self.tumour_fraction}")
         if self.centre not in CENTRES:
             raise ValueError(f"centre must be one of {sorted(CENTRES)}, got {self.centre!r}")
+        if self.stain not in STAINS:
+            raise ValueError(f"stain must be one of {STAINS}, got {self.stain!r}")
+        if set(self.artefacts) - set(ARTEFACTS):
+            raise ValueError(f"artefacts must be among {ARTEFACTS}, got {self.artefacts}")
 
     def __hash__(self) -> int:  # dict field: hash on the frozen content
         return hash((self.seed, self.width_um, self.height_um, tuple(sorted(self.class_mix.items())),
-                     self.tumour_fraction, self.centre, self.patient_id))
+                     self.tumour_fraction, self.centre, self.patient_id, self.stain, self.artefacts))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SlideSpec":
+        """Inverse of the ``spec`` block of ground_truth.json."""
+        return cls(**{**d, "artefacts": tuple(d.get("artefacts", ()))})
 
     @cached_property
     def layout(self) -> "_Layout":
@@ -274,10 +293,23 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     h_stroma = 0.15 + 0.10 * fibres + 0.6 * fib_nucleus
 
     h = np.where(tumour, h_tumour, np.where(tissue, h_stroma, 0.0)) * centre.h_gain
-    od = h[..., None] * np.asarray(centre.stain_matrix[0]) + dab[..., None] * np.asarray(centre.stain_matrix[1])
+    od = h[..., None] * np.asarray(centre.stain_matrix[0])
+    if spec.stain == "H&E":
+        eosin = np.where(tissue, np.where(tumour, 0.45, 0.35) * (1.0 - 0.6 * nucleus * tumour), 0.0)
+        od = od + eosin[..., None] * np.asarray(EOSIN)
+    else:
+        od = od + dab[..., None] * np.asarray(centre.stain_matrix[1])
     od = od + np.where(tissue, 0.03, 0.01)[..., None]
-    if centre.blur_um > 0:
-        s = centre.blur_um / mpp
+    if "fold" in spec.artefacts:  # tissue folded onto itself: about double optical density
+        cx, cy = 0.5 * spec.width_um, 0.45 * spec.height_um
+        fold = tissue & (((x - cx) / (0.18 * spec.width_um)) ** 2 + ((y - cy) / (0.06 * spec.height_um)) ** 2 < 1)
+        od = np.where(fold[..., None], od * 2.4 + 0.15, od)
+    if "pen" in spec.artefacts:  # a marker stroke across the slide
+        dist = np.abs(y - (0.25 * spec.height_um + 0.3 * x)) / np.hypot(1.0, 0.3)
+        od = od + (dist < 60.0)[..., None] * 1.2 * np.asarray(PEN_INK)
+    blur_um = centre.blur_um + (2.5 if "blur" in spec.artefacts else 0.0)
+    if blur_um > 0:
+        s = blur_um / mpp
         od = ndimage.gaussian_filter(od, sigma=(s, s, 0))
     noise_rng = np.random.default_rng([spec.seed, int(x_um * 64), int(y_um * 64), int(mpp * 1000)])
     rgb = (I0 + 1.0) * np.exp(-od) - 1.0 + noise_rng.normal(0.0, 1.5, od.shape)

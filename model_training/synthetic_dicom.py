@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from dicom_io.wsi_writer import SlideIdentity, write_wsi
@@ -27,7 +28,10 @@ def write_synthetic_slide(
     per-tile class map on the grid of ``truth_tile_px`` tiles at ``truth_mpp``
     (default: the base level), which is the model's tile grid.
     """
-    identity = identity or SlideIdentity.synthetic(spec.seed, spec.patient_id)
+    if identity is None:
+        identity = SlideIdentity.synthetic(spec.seed, spec.patient_id)
+        if spec.stain == "H&E":
+            identity = replace(identity, stain="haematoxylin and eosin", series_description="H&E")
     width = math.ceil(spec.width_um / mpp)
     height = math.ceil(spec.height_um / mpp)
 
@@ -43,6 +47,7 @@ def write_synthetic_slide(
             "seed": spec.seed, "width_um": spec.width_um, "height_um": spec.height_um,
             "class_mix": spec.class_mix, "tumour_fraction": spec.tumour_fraction,
             "centre": spec.centre, "patient_id": spec.patient_id,
+            "stain": spec.stain, "artefacts": list(spec.artefacts),
         },
         "base_mpp": mpp,
         "series_instance_uid": identity.series_instance_uid,

@@ -23,7 +23,7 @@ def test_levels_tiles_spacing_and_pixels(slides):
         assert wsi.levels[0].tile_size.width == 512
         region = np.asarray(wsi.read_region((1024, 1024), 0, (512, 512)).convert("RGB")).astype(float)
     truth = json.loads((folder / "ground_truth.json").read_text())
-    spec = SlideSpec(**truth["spec"])
+    spec = SlideSpec.from_dict(truth["spec"])
     rendered = render_region(spec, 1024.0, 1024.0, 512, 512, 1.0).rgb.astype(float)
     psnr = 10 * np.log10(255**2 / np.mean((region - rendered) ** 2))
     assert psnr > 30  # JPEG quality 90 of the same pixels

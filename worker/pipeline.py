@@ -30,7 +30,9 @@ from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_
 from worker.inference import TileModel
 from worker.overlay import write_overlay
 from worker.settings import Settings
-from worker.tiles import PreparedSlide, prepare_slide, tile_batches
+from worker.preprocessing import grid_for_level
+from worker.quality import QualityReport, check_graded, check_slide, sharpness
+from worker.tiles import PreparedSlide, prepare_slide, survey_slide, tile_batches
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +72,47 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
     with open_slide(series_dir) as slide:
         model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
                            settings.white_fraction_max)
-        prepared = prepare_slide(slide, model.card.tile_size, model.card.mpp, model.card.stain)
-        score, stats = grade_tiles(prepared, model, settings, progress)
-        level_ds = slide.level_dataset(prepared.level.index)
+        survey = survey_slide(slide, model.card.stain)
+        quality = check_slide(survey.thumbnail, survey.mask, survey.normaliser, settings)
+        if quality.not_assessable:
+            level = slide.levels[0]
+            grid = grid_for_level(level.width, level.height, model.card.tile_size,
+                                  (level.mpp / 1000.0, level.mpp / 1000.0))
+            score, stats = not_assessable(grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
+        else:
+            prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp)
+            level, grid = prepared.level, prepared.grid
+            score, stats = grade_tiles(prepared, model, settings, quality, progress)
+        level_ds = slide.level_dataset(level.index)
         algorithm = AlgorithmInfo(name=model.card.name, version=model.card.version,
                                   software_version=software_version())
-        datasets = [build_sr(slide.source_datasets, level_ds, score, algorithm),
-                    build_heatmap(level_ds, score, algorithm)]
+        datasets = [build_sr(slide.source_datasets, level_ds, score, algorithm)]
+        if score.scored.any():
+            datasets.append(build_heatmap(level_ds, score, algorithm))
         source = slide.identity
     stats["seconds"] = time.perf_counter() - started
+    stats.update({f"qc_{k}": v for k, v in quality.measures.items()})
     result = ScoringResult(score=score, source=source, datasets=datasets, stats=stats)
     if out_dir is not None:
-        result.files = write_outputs(result, prepared.thumbnail, prepared.thumbnail_mpp / prepared.level.mpp,
-                                     Path(out_dir), model)
+        result.files = write_outputs(result, survey.thumbnail, survey.thumbnail_mpp / level.mpp, Path(out_dir), model)
     log.info("scored series %s: %s in %.1f s (%d tiles)", source.series_instance_uid, score.call.value,
              stats["seconds"], stats["tiles_scored"])
     return result
 
 
-def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings,
+def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings, quality: QualityReport,
                 progress: Callable[[int, int], None] | None = None) -> tuple[SlideScore, dict[str, float]]:
-    """Grade the slide's tissue tiles batch by batch and aggregate them to a :class:`SlideScore`."""
+    """Grade the slide's tissue tiles batch by batch and aggregate them to a :class:`SlideScore`.
+
+    Completes ``quality`` with the checks that need graded tiles (blur, tumour amount).
+    """
     grid = prepared.grid
     probabilities = np.full((grid.rows, grid.cols, len(CLASSES)), np.nan, np.float32)
     tumour = np.zeros((grid.rows, grid.cols), np.float32)
     scored = np.zeros((grid.rows, grid.cols), bool)
     corrupt = done = 0
     infer_seconds = 0.0
+    tile_sharpness: list[np.ndarray] = []
     for batch in tile_batches(prepared, settings.batch_size, settings.decode_threads, settings.white_fraction_max):
         corrupt += batch.corrupt
         done += batch.read
@@ -109,11 +125,17 @@ def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings,
             probabilities[rows, cols] = pred.probabilities
             tumour[rows, cols] = fractions
             scored[rows, cols] = True
+            tile_sharpness.append(sharpness(batch.tiles))
         if progress:
             progress(done, len(prepared.candidates))
     if corrupt > MAX_CORRUPT_SHARE * max(1, len(prepared.candidates)):
         raise SlideError(f"{corrupt} of {len(prepared.candidates)} tissue tiles could not be decoded: slide is corrupt")
     score = aggregate(grid, probabilities, tumour, scored, settings.evidence_floor_percent)
+    check_graded(quality, np.concatenate(tile_sharpness) if tile_sharpness else np.zeros(0), score.tumour_area_mm2,
+                 settings)
+    if quality.not_assessable:
+        score = not_assessable(grid, quality, probabilities, tumour, scored)
+    score.flags.extend(quality.flags)
     if corrupt:
         score.flags.append(f"{corrupt} corrupt tile(s) skipped")
     score.flags.extend(prepared.normaliser.notes)
@@ -122,17 +144,28 @@ def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings,
     return score, stats
 
 
+def not_assessable(grid: TileGrid, quality: QualityReport, probabilities: np.ndarray | None = None,
+                   tumour: np.ndarray | None = None, scored: np.ndarray | None = None) -> SlideScore:
+    """A slide that gets no HER2 call; the reasons become its flags (tile grades kept if any)."""
+    empty = np.zeros((grid.rows, grid.cols), bool)
+    return SlideScore(
+        call=SlideCall.NOT_ASSESSABLE,
+        percentages={c: 0.0 for c in CLASSES},
+        grid=grid,
+        probabilities=probabilities if probabilities is not None
+        else np.full((grid.rows, grid.cols, len(CLASSES)), np.nan, np.float32),
+        tumour_fraction=tumour if tumour is not None else empty.astype(np.float32),
+        scored=scored if scored is not None else empty,
+        flags=[NOT_FOR_CLINICAL_USE] + [f"not assessable: {r}" for r in quality.not_assessable] + quality.flags,
+    )
+
+
 def aggregate(grid: TileGrid, probabilities: np.ndarray, tumour: np.ndarray, scored: np.ndarray,
               evidence_floor: float) -> SlideScore:
-    """Tumour-area weighted class percentages and the ASCO/CAP slide call."""
+    """Tumour-area weighted class percentages and the ASCO/CAP slide call (no tumour: quality control decides)."""
     flags: list[str] = [NOT_FOR_CLINICAL_USE]
-    if not scored.any() or float(tumour[scored].sum()) <= 0:
-        pct = {c: 0.0 for c in CLASSES}
-        call = SlideCall.NOT_ASSESSABLE
-        flags.append("no tumour tissue found")
-    else:
-        pct = class_percentages(probabilities[scored], tumour[scored])
-        call = asco_cap_call(pct, evidence_floor)
+    pct = class_percentages(probabilities[scored], tumour[scored])
+    call = asco_cap_call(pct, evidence_floor)
     if call.reflex_ish:
         flags.append("HER2 2+ (equivocal): reflex in-situ hybridisation (ISH) recommended")
     return SlideScore(call=call, percentages=pct, grid=grid, probabilities=probabilities, tumour_fraction=tumour,

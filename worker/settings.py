@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     )
     output_dir: Path = Field(Path("out"), description="Where the CLI writes result DICOM files and overlays.")
 
+    # --- quality control (see worker/quality.py for how each is measured) ----
+    qc_eosin_share_max: float = Field(
+        0.15, gt=0, lt=1, description="Eosin share of tissue stain above which the slide is not HER2 IHC (not assessable)."
+    )
+    qc_min_tumour_mm2: float = Field(0.2, gt=0, description="Less graded tumour area than this is not assessable.")
+    qc_pen_share_max: float = Field(0.01, gt=0, lt=1, description="Share of tissue under marker ink that is flagged.")
+    qc_fold_share_max: float = Field(0.02, gt=0, lt=1, description="Share of tissue in folds (OD > 2) that is flagged.")
+    qc_sharpness_min: float = Field(3.0, ge=0, description="Median tile sharpness (mean |LoG|) below which blur is flagged.")
+
     # --- DICOM network --------------------------------------------------------
     ae_title: str = Field("HER2WORKER", max_length=16, description="Our AE title (listener and SCU).")
     listen_host: str = Field("127.0.0.1", description="Address the Storage SCP binds to.")

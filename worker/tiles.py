@@ -1,8 +1,8 @@
 """From an opened slide to batches of normalised tissue tiles: the path inference and training share.
 
-``prepare_slide`` finds tissue on a thumbnail at :data:`THUMBNAIL_MPP`, fits
-the slide's stain normaliser there and lays the tile grid at the model's
-magnification; ``tile_batches`` reads only tissue tiles, decoding them in a
+``survey_slide`` finds tissue on a thumbnail at :data:`THUMBNAIL_MPP` and fits
+the slide's stain normaliser there, ``prepare_slide`` lays the tile grid at the
+model's magnification; ``tile_batches`` reads only tissue tiles, decoding them in a
 thread pool a bounded number of batches ahead of the consumer, drops tiles
 with too much white background and normalises each batch. Training reads
 synthetic slides through exactly this code (as DICOM files), so the model
@@ -35,16 +35,28 @@ Position = tuple[int, int]
 
 
 @dataclass
-class PreparedSlide:
-    """A slide ready for tiling: scored level, grid, tissue tiles, stain normaliser, tile reader."""
+class SlideSurvey:
+    """The whole slide at low resolution: thumbnail, its spacing, tissue mask and fitted stain normaliser."""
 
+    thumbnail: np.ndarray
+    thumbnail_mpp: float
+    mask: np.ndarray
+    normaliser: StainNormaliser
+
+
+@dataclass
+class PreparedSlide:
+    """A slide ready for tiling: survey, scored level, grid, tissue tiles and tile reader."""
+
+    survey: SlideSurvey
     level: LevelInfo
     grid: TileGrid
     candidates: list[Position]
-    normaliser: StainNormaliser
-    thumbnail: np.ndarray
-    thumbnail_mpp: float
     read: Callable[[int, int], np.ndarray]
+
+    @property
+    def normaliser(self) -> StainNormaliser:
+        return self.survey.normaliser
 
 
 @dataclass
@@ -58,14 +70,18 @@ class TileBatch:
     read: int
 
 
-def prepare_slide(slide: Slide, tile_size: int, mpp: float, reference: StainReference) -> PreparedSlide:
-    """Thumbnail, tissue mask, stain fit and tile grid at ``mpp`` um/px."""
-    level = slide.level_for_mpp(mpp)
+def survey_slide(slide: Slide, reference: StainReference) -> SlideSurvey:
+    """Thumbnail at :data:`THUMBNAIL_MPP`, tissue mask and the slide's stain fit."""
     thumbnail, thumbnail_mpp = slide.thumbnail(THUMBNAIL_MPP)
     mask, normaliser = fit_slide(thumbnail, reference)
+    return SlideSurvey(thumbnail, thumbnail_mpp, mask, normaliser)
+
+
+def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float) -> PreparedSlide:
+    """Tile grid at ``mpp`` um/px with the tissue tiles found by the survey."""
+    level = slide.level_for_mpp(mpp)
     grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
-    return PreparedSlide(level, grid, candidate_tiles(mask, grid), normaliser, thumbnail, thumbnail_mpp,
-                         slide.tile_reader(level, tile_size))
+    return PreparedSlide(survey, level, grid, candidate_tiles(survey.mask, grid), slide.tile_reader(level, tile_size))
 
 
 def _read_ahead(read: Callable[[int, int], np.ndarray], positions: list[Position], batch_size: int,

@@ -1,0 +1,102 @@
+"""Quality control before and after grading: is this slide assessable, and what should a pathologist check?
+
+Checks and thresholds (all in :class:`worker.settings.Settings`, calibrated on
+the synthetic QC cases in ``tests/test_quality.py``; not validated on real slides):
+
+* **Wrong stain** (not HER2 IHC/DAB, e.g. H&E): tissue optical density is
+  unmixed into haematoxylin, DAB and eosin (Ruifrok vectors); an eosin share of
+  the total stain above ``qc_eosin_share_max`` (0.15) makes the slide **not
+  assessable**. HER2 IHC slides measure <= 0.07, H&E 0.24-0.53.
+* **Too little tumour**: less than ``qc_min_tumour_mm2`` of tumour area graded
+  -> **not assessable**.
+* **Pen marks**: share of tissue-mask pixels coloured like green/cyan marker ink
+  (G exceeds R by > 30 levels, which neither haematoxylin nor DAB produce) above
+  ``qc_pen_share_max`` -> flag.
+* **Tissue folds**: share of tissue pixels (outside ink) whose optical density
+  sum exceeds 2.0, about twice that of densely stained tumour, above
+  ``qc_fold_share_max`` -> flag.
+* **Blur**: median over graded tiles of the mean absolute Laplacian-of-Gaussian
+  (sigma 1 px) of the normalised grey tile below ``qc_sharpness_min`` -> flag.
+* **Stain out of training distribution**: the haematoxylin vector could not be
+  estimated, or the per-slide haematoxylin scale is outside [0.5, 2] -> flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from worker.preprocessing import REFERENCE, StainNormaliser, optical_density
+
+#: Eosin OD vector (Ruifrok & Johnston), the counterstain of H&E.
+EOSIN = np.array((0.072, 0.990, 0.105), np.float32) / np.linalg.norm((0.072, 0.990, 0.105))
+FOLD_OD = 2.0
+PEN_GREEN_EXCESS = 30
+
+
+@dataclass
+class QualityReport:
+    """Reasons that prevent a HER2 call, flags for review, and the measured values."""
+
+    not_assessable: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    measures: dict[str, float] = field(default_factory=dict)
+
+
+def eosin_share(pixels: np.ndarray) -> float:
+    """Share of eosin in the H/DAB/eosin unmixing of RGB tissue pixels (N, 3)."""
+    matrix = np.vstack([REFERENCE.matrix(), EOSIN])
+    conc = np.clip(optical_density(pixels) @ np.linalg.inv(matrix), 0.0, None)
+    total = float(conc.sum())
+    return float(conc[:, 2].sum()) / total if total > 0 else 0.0
+
+
+def sharpness(tiles: np.ndarray) -> np.ndarray:
+    """Mean absolute Laplacian-of-Gaussian (sigma 1 px) of each normalised grey tile (N,)."""
+    grey = tiles.astype(np.float32).mean(axis=-1)
+    return np.array([np.abs(ndimage.gaussian_laplace(g, 1.0)).mean() for g in grey])
+
+
+def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormaliser, settings) -> QualityReport:
+    """Checks on the whole-slide thumbnail and stain fit, before any tile is graded."""
+    report = QualityReport()
+    tissue = thumbnail[mask]
+    if tissue.size == 0:
+        report.not_assessable.append("no tissue found on the slide")
+        return report
+    rgb = tissue.astype(np.int16)
+    pen = (rgb[:, 1] - rgb[:, 0]) > PEN_GREEN_EXCESS
+    od_sum = optical_density(tissue).sum(axis=-1)
+    report.measures.update(
+        eosin_share=eosin_share(tissue),
+        pen_share=float(pen.mean()),
+        fold_share=float(((od_sum > FOLD_OD) & ~pen).mean()),
+        h_scale=normaliser.h_scale,
+    )
+    m = report.measures
+    if m["eosin_share"] > settings.qc_eosin_share_max:
+        report.not_assessable.append(
+            f"not a HER2 IHC (DAB) stain: eosin share {m['eosin_share']:.2f} > {settings.qc_eosin_share_max} "
+            "(H&E slide?)")
+    if m["pen_share"] > settings.qc_pen_share_max:
+        report.flags.append(f"QC: pen marks on {100 * m['pen_share']:.1f} % of the tissue")
+    if m["fold_share"] > settings.qc_fold_share_max:
+        report.flags.append(f"QC: possible tissue folds on {100 * m['fold_share']:.1f} % of the tissue")
+    if not 0.5 <= normaliser.h_scale <= 2.0 or any("haematoxylin" in n for n in normaliser.notes):
+        report.flags.append("QC: stain outside the training distribution (haematoxylin strength or colour)")
+    return report
+
+
+def check_graded(report: QualityReport, tile_sharpness: np.ndarray, tumour_area_mm2: float, settings) -> None:
+    """Checks that need the graded tiles: blur and the amount of tumour."""
+    report.measures["tumour_area_mm2"] = tumour_area_mm2
+    if tile_sharpness.size:
+        report.measures["sharpness"] = float(np.median(tile_sharpness))
+        if report.measures["sharpness"] < settings.qc_sharpness_min:
+            report.flags.append(f"QC: out of focus (sharpness {report.measures['sharpness']:.1f} < "
+                                f"{settings.qc_sharpness_min})")
+    if tumour_area_mm2 < settings.qc_min_tumour_mm2:
+        report.not_assessable.append(
+            f"too little tumour: {tumour_area_mm2:.2f} mm2 graded < {settings.qc_min_tumour_mm2} mm2")
