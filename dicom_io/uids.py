@@ -1,0 +1,156 @@
+"""Deterministic DICOM UIDs for the result objects (PS3.5 Chapter 9 and Annex B.2).
+
+A retried job must re-send the *same* SR and SEG instances, not duplicates, so
+every UID the worker mints is derived from what identifies the job: the source
+Series Instance UID and the model name and version (see "Identity and
+idempotency" in the design notes).
+
+UIDs are UUID-derived (PS3.5 B.2, ISO/IEC 9834-8): ``2.25.<decimal UUID>``,
+where the UUID is a name-based version 5 UUID (RFC 4122 4.3, SHA-1) of the
+parts in a project namespace. No organisation root is needed, they are at
+most 44 characters long, and the same parts always give the same UID.
+
+Note that :func:`pydicom.uid.generate_uid` ignores ``entropy_srcs`` when
+``prefix=None`` (it then returns a random UUID UID), and with a prefix it
+joins the sources without a separator (``("ab", "c")`` and ``("a", "bc")``
+collide); hence the explicit construction here.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+#: Namespace of every UID this project derives; changing it changes every result UID.
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:her2-dicom-worker:dicom-uids:v1")
+#: PS3.5 9.1: at most 64 characters.
+_MAX_UID_LENGTH = 64
+#: PS3.5 9.1: dot-separated numeric components, no leading zero unless the component is 0.
+_UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def derived_uid(*parts: str) -> str:
+    """Return the UUID-derived UID (``2.25.<n>``) of ``parts``.
+
+    Parameters
+    ----------
+    *parts: str
+        Strings that identify the object (at least one). Each part is
+        length-prefixed before hashing, so ``("ab", "c")`` and ``("a", "bc")``
+        give different UIDs.
+
+    Returns
+    -------
+    str
+        A valid DICOM UID of at most 44 characters (PS3.5 B.2).
+
+    Raises
+    ------
+    ValueError
+        When no part is given or a part is not a string.
+
+    """
+    if not parts:
+        raise ValueError("derived_uid() needs at least one part")
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"derived_uid() parts must be str, got {type(part).__name__}: {part!r}")
+    name = "".join(f"{len(part)}:{part};" for part in parts)
+    return f"2.25.{uuid.uuid5(_NAMESPACE, name).int}"
+
+
+def is_valid_uid(uid: str) -> bool:
+    """Whether ``uid`` is a syntactically valid DICOM UID (PS3.5 9.1).
+
+    Only digits and single dots, no leading zeros in a component, at most 64
+    characters; such a string is also safe as one path component (no ``/``,
+    no ``..``), which is why the spool validates UIDs with this before
+    building paths from them.
+
+    Parameters
+    ----------
+    uid: str
+        Candidate UID (any object is accepted; non-strings are invalid).
+
+    Returns
+    -------
+    bool
+        ``True`` when ``uid`` is valid.
+
+    """
+    if not isinstance(uid, str) or not uid or len(uid) > _MAX_UID_LENGTH:
+        return False
+    return _UID_SYNTAX.fullmatch(uid) is not None
+
+
+@dataclass(frozen=True)
+class ResultUIDs:
+    """UIDs of the result objects of one (source series, model version) job.
+
+    The SR and the SEG are in separate series: a series holds one modality
+    (PS3.3 C.7.3.1, Modality "SR" vs "SEG"), and viewers expect all instances
+    of a segmentation in a series of their own.
+
+    Attributes
+    ----------
+    sr_series: str
+        Series Instance UID of the Comprehensive 3D SR series.
+    sr: str
+        SOP Instance UID of the SR (TID 1500 Measurement Report).
+    seg_series: str
+        Series Instance UID of the heatmap Segmentation series.
+    seg: str
+        SOP Instance UID of the heatmap Segmentation.
+    device: str
+        Device UID (0018,1002) of the model version, for Contributing
+        Equipment and the SR device observer (IHE AI Results); depends on the
+        model name and version only, not on the slide.
+
+    """
+
+    sr_series: str
+    sr: str
+    seg_series: str
+    seg: str
+    device: str
+
+
+def result_uids(source_series_uid: str, model_name: str, model_version: str) -> ResultUIDs:
+    """Derive all result UIDs for one job.
+
+    Parameters
+    ----------
+    source_series_uid: str
+        Series Instance UID of the scored VL Whole Slide Microscopy series.
+    model_name: str
+        Name of the scoring model.
+    model_version: str
+        Version of the scoring model.
+
+    Returns
+    -------
+    ResultUIDs
+        The same inputs always give the same UIDs; another model version or
+        another source series gives different ones (the device UID depends on
+        the model only).
+
+    Raises
+    ------
+    ValueError
+        When ``source_series_uid`` is not a valid UID or the model name or
+        version is empty.
+
+    """
+    if not is_valid_uid(source_series_uid):
+        raise ValueError(f"source Series Instance UID {source_series_uid!r} is not a valid DICOM UID")
+    if not model_name or not model_version:
+        raise ValueError(f"model name and version must be non-empty (got {model_name!r}, {model_version!r})")
+    job = (source_series_uid, model_name, model_version)
+    return ResultUIDs(
+        sr_series=derived_uid("sr-series", *job),
+        sr=derived_uid("sr-instance", *job),
+        seg_series=derived_uid("seg-series", *job),
+        seg=derived_uid("seg-instance", *job),
+        device=derived_uid("device", model_name, model_version),
+    )

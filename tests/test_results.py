@@ -1,0 +1,476 @@
+"""DICOM result objects: TID 1500 Comprehensive 3D SR and the heatmap Segmentation.
+
+The source slide is built here with pydicom (metadata only, TILED_FULL VL WSM,
+structure copied from highdicom's real ``sm_image.dcm`` test file), so these
+tests need neither the synthetic slide generator nor pixel data.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage
+
+from dicom_io.results import (
+    CLASS_PERCENTAGE,
+    HER2_SCORE,
+    REFLEX_ISH,
+    TUMOUR_AREA,
+    AlgorithmInfo,
+    build_heatmap,
+    build_sr,
+    read_sr_call,
+    read_sr_ultralow,
+)
+from dicom_io.uids import derived_uid, is_valid_uid, result_uids
+from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid
+
+TILE = 512
+SPACING_MM = 0.001  # 1 um/px
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1001"
+SERIES_UID = "1.2.826.0.1.3680043.8.498.1002"
+FRAME_OF_REFERENCE_UID = "1.2.826.0.1.3680043.8.498.1003"
+SPECIMEN_UID = "1.2.826.0.1.3680043.8.498.1004"
+ICC_PROFILE = (Path(hd.__file__).parent / "_icc_profiles" / "sRGB_v4_ICC_preference.icc").read_bytes()
+ALGORITHM = AlgorithmInfo(name="her2-resnet34", version="1.2.0", software_version="0.1.0")
+
+
+# --- a realistic VL Whole Slide Microscopy source -------------------------------------------------
+
+def wsm_level(width: int, height: int, spacing_mm: float, instance: int, tile: int = TILE,
+              image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "VOLUME", "NONE")) -> Dataset:
+    """Metadata of one TILED_FULL VL Whole Slide Microscopy Image level (PS3.3 A.32.8), no pixel data."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = VLWholeSlideMicroscopyImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = f"{SERIES_UID}.{instance}"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = VLWholeSlideMicroscopyImageStorage
+    ds.SOPInstanceUID = f"{SERIES_UID}.{instance}"
+    ds.ImageType = list(image_type)
+    ds.Modality = "SM"
+    # Patient / study: values chosen to catch sloppy copying (caret names, leading zeros).
+    ds.PatientName = "Doe^Jane^Q"
+    ds.PatientID = "0042-HER2"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyInstanceUID = STUDY_UID
+    ds.StudyID = "S-7"
+    ds.AccessionNumber = "ACC0001"
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.ReferringPhysicianName = "Ref^Doc"
+    ds.SeriesInstanceUID = SERIES_UID
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance
+    ds.Manufacturer = "Test Scanner Inc"
+    ds.ManufacturerModelName = "Scanner 9000"
+    ds.DeviceSerialNumber = "SN1"
+    ds.SoftwareVersions = "1.0"
+    ds.ContentDate = "20240102"
+    ds.ContentTime = "101500"
+    ds.AcquisitionDateTime = "20240102101500"
+    ds.FrameOfReferenceUID = FRAME_OF_REFERENCE_UID
+    ds.PositionReferenceIndicator = "SLIDE_CORNER"
+    ds.VolumetricProperties = "VOLUME"
+    ds.DimensionOrganizationType = "TILED_FULL"
+    organization = Dataset()
+    organization.DimensionOrganizationUID = f"{SERIES_UID}.0"
+    ds.DimensionOrganizationSequence = DicomSequence([organization])
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows = ds.Columns = tile
+    ds.NumberOfFrames = -(-width // tile) * -(-height // tile)
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.BurnedInAnnotation = "NO"
+    ds.SpecimenLabelInImage = "NO"
+    ds.FocusMethod = "AUTO"
+    ds.ExtendedDepthOfField = "NO"
+    ds.LossyImageCompression = "00"
+    ds.TotalPixelMatrixColumns = width
+    ds.TotalPixelMatrixRows = height
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.NumberOfOpticalPaths = 1
+    ds.ImagedVolumeWidth = width * spacing_mm
+    ds.ImagedVolumeHeight = height * spacing_mm
+    ds.ImagedVolumeDepth = 0.004
+    origin = Dataset()
+    origin.XOffsetInSlideCoordinateSystem = 21.5
+    origin.YOffsetInSlideCoordinateSystem = 17.25
+    ds.TotalPixelMatrixOriginSequence = DicomSequence([origin])
+    ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+    measures = Dataset()
+    measures.PixelSpacing = [spacing_mm, spacing_mm]
+    measures.SliceThickness = 0.004
+    frame_type = Dataset()
+    frame_type.FrameType = list(image_type)
+    shared = Dataset()
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.WholeSlideMicroscopyImageFrameTypeSequence = DicomSequence([frame_type])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    path = Dataset()
+    path.OpticalPathIdentifier = "1"
+    path.ICCProfile = ICC_PROFILE
+    path.IlluminationTypeCodeSequence = DicomSequence([hd.sr.CodedConcept("111744", "DCM", "Brightfield illumination")])
+    path.IlluminationColorCodeSequence = DicomSequence([hd.sr.CodedConcept("414298005", "SCT", "Full Spectrum")])
+    ds.OpticalPathSequence = DicomSequence([path])
+    ds.ContainerIdentifier = "SLIDE-0042-A1"
+    ds.IssuerOfTheContainerIdentifierSequence = DicomSequence([])
+    ds.ContainerTypeCodeSequence = DicomSequence([hd.sr.CodedConcept("433466003", "SCT", "Microscope slide")])
+    specimen = Dataset()
+    specimen.SpecimenIdentifier = "S24-0042-A1"
+    specimen.SpecimenUID = SPECIMEN_UID
+    specimen.IssuerOfTheSpecimenIdentifierSequence = DicomSequence([])
+    specimen.SpecimenPreparationSequence = DicomSequence([])
+    specimen.SpecimenTypeCodeSequence = DicomSequence([hd.sr.CodedConcept("430856003", "SCT", "Tissue section")])
+    specimen.PrimaryAnatomicStructureSequence = DicomSequence([hd.sr.CodedConcept("76752008", "SCT", "Breast")])
+    ds.SpecimenDescriptionSequence = DicomSequence([specimen])
+    ds.AcquisitionContextSequence = DicomSequence([])
+    return ds
+
+
+@pytest.fixture(scope="module")
+def source() -> list[Dataset]:
+    """Three pyramid levels (2048x1536 at 1 um/px, then /2, /4), as read from a PACS, no pixel data."""
+    return [wsm_level(2048 // f, 1536 // f, SPACING_MM * f, instance=i + 1) for i, f in enumerate((1, 2, 4))]
+
+
+@pytest.fixture(scope="module")
+def level(source) -> Dataset:
+    return source[0]
+
+
+GRID = TileGrid(rows=3, cols=4, tile_size=TILE, pixel_spacing_mm=(SPACING_MM, SPACING_MM))
+
+
+def make_score(call: SlideCall, seed: int = 0) -> SlideScore:
+    """A score on the 3x4 grid with random probabilities; tile (0, 0) and (2, 3) not scored."""
+    rng = np.random.default_rng(seed)
+    probabilities = rng.dirichlet(np.ones(len(CLASSES)), size=(GRID.rows, GRID.cols)).astype(np.float32)
+    scored = np.ones((GRID.rows, GRID.cols), bool)
+    scored[0, 0] = scored[2, 3] = False
+    probabilities[~scored] = np.nan
+    tumour = np.where(scored, rng.uniform(0.2, 1.0, (GRID.rows, GRID.cols)), 0.0).astype(np.float32)
+    percentages = {"0": 61.234567, "1+": 20.5, "2+": 12.25, "3+": 6.015433}
+    return SlideScore(call=call, percentages=percentages, grid=GRID, probabilities=probabilities,
+                      tumour_fraction=tumour, scored=scored,
+                      flags=["Research use only - not for clinical use", "2 blurred tiles"])
+
+
+def to_file(ds: Dataset) -> io.BytesIO:
+    """``ds`` written as a DICOM file (PS3.10) in memory."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    return pydicom.dcmread(to_file(ds))
+
+
+def srread(ds: Dataset) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.srread(to_file(ds))
+
+
+# --- UIDs -----------------------------------------------------------------------------------------
+
+def test_derived_uids_are_valid_deterministic_and_unambiguous():
+    uid = derived_uid("a", "b")
+    assert is_valid_uid(uid) and uid.startswith("2.25.") and len(uid) <= 64
+    assert derived_uid("a", "b") == uid
+    assert derived_uid("ab", "") != uid and derived_uid("b", "a") != uid
+    assert not is_valid_uid("1.2.03") and not is_valid_uid("../1.2") and not is_valid_uid("")
+    assert not is_valid_uid("1." * 40 + "1") and not is_valid_uid(None)  # type: ignore[arg-type]
+
+
+def test_result_uids_depend_on_series_and_model_version():
+    a = result_uids(SERIES_UID, "m", "1")
+    assert a == result_uids(SERIES_UID, "m", "1")
+    values = [a.sr_series, a.sr, a.seg_series, a.seg, a.device]
+    assert all(is_valid_uid(v) for v in values) and len(set(values)) == 5
+    b = result_uids(SERIES_UID, "m", "2")
+    assert not {a.sr_series, a.sr, a.seg_series, a.seg, a.device} & {b.sr_series, b.sr, b.seg_series, b.seg, b.device}
+    c = result_uids(SERIES_UID + ".9", "m", "1")
+    assert c.sr != a.sr and c.seg != a.seg and c.device == a.device
+    with pytest.raises(ValueError, match="not a valid DICOM UID"):
+        result_uids("1.2.3/../x", "m", "1")
+
+
+# --- SR -------------------------------------------------------------------------------------------
+
+EXPECTED_MEANING = {
+    SlideCall.ZERO: "0", SlideCall.ULTRALOW: "0", SlideCall.ONE: "1+", SlideCall.TWO: "2+",
+    SlideCall.THREE: "3+", SlideCall.NOT_ASSESSABLE: "Indeterminate",
+}
+
+
+@pytest.mark.parametrize("call", list(SlideCall))
+def test_sr_codes_the_call(source, level, call):
+    score = make_score(call)
+    sr = roundtrip(build_sr(source, level, score, ALGORITHM))
+    assert read_sr_call(sr) == EXPECTED_MEANING[call]
+    assert read_sr_ultralow(sr) is (call is SlideCall.ULTRALOW)
+    report = srread(sr)
+    assert isinstance(report, hd.sr.Comprehensive3DSR)
+    roi_groups = report.content.get_planar_roi_measurement_groups()
+    assert len(roi_groups) == 1
+    (group,) = roi_groups
+    (her2,) = group.get_qualitative_evaluations(HER2_SCORE)
+    assert her2.value.meaning == EXPECTED_MEANING[call] and her2.value.scheme_designator == "LN"
+    reflex = group.get_qualitative_evaluations(REFLEX_ISH)
+    if call is SlideCall.NOT_ASSESSABLE:
+        assert reflex == []
+    else:
+        assert reflex[0].value.value == ("373066001" if call is SlideCall.TWO else "373067005")
+    if call is SlideCall.ULTRALOW:
+        assert any(e.value.value == "1381318009" and e.value.scheme_designator == "SCT"
+                   for e in group.get_qualitative_evaluations())
+    # The slide-level TID 1501 group carries the same call.
+    (slide_group,) = report.content.get_image_measurement_groups()
+    (slide_her2,) = slide_group.get_qualitative_evaluations(HER2_SCORE)
+    assert slide_her2.value == her2.value
+
+
+def test_sr_measurements_read_back(source, level):
+    score = make_score(SlideCall.ONE)
+    sr = srread(roundtrip(build_sr(source, level, score, ALGORITHM)))
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    for c in CLASSES:
+        (m,) = group.get_measurements(CLASS_PERCENTAGE[c])
+        assert m.value == pytest.approx(score.percentages[c], abs=1e-6)
+        assert m.unit.value == "%" and m.unit.scheme_designator == "UCUM"
+    (area,) = group.get_measurements(TUMOUR_AREA)
+    assert area.value == pytest.approx(score.tumour_area_mm2, rel=1e-9)
+    assert area.unit.value == "mm2"
+    # Algorithm identification (TID 4019) on the group.
+    texts = {i.name.meaning: i.value for i in group[0].ContentSequence if i.ValueType == "TEXT"}
+    assert texts["Algorithm Name"] == ALGORITHM.name and texts["Algorithm Version"] == ALGORITHM.version
+
+
+def test_sr_region_is_scoord3d_in_source_frame_of_reference(source, level):
+    score = make_score(SlideCall.THREE)
+    sr = srread(roundtrip(build_sr(source, level, score, ALGORITHM)))
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    roi = group.roi
+    assert isinstance(roi, hd.sr.ImageRegion3D)
+    assert roi.graphic_type == hd.sr.GraphicTypeValues3D.POLYGON
+    assert roi.frame_of_reference_uid == FRAME_OF_REFERENCE_UID
+    polygon = roi.value
+    assert np.allclose(polygon[0], polygon[-1])
+    # All scored tiles (every tile but (0,0) and (2,3)) lie inside the outline's bounding box,
+    # and the outline stays within the level.
+    to_slide = hd.spatial.ImageToReferenceTransformer.for_image(level, for_total_pixel_matrix=True)
+    level_corners = to_slide(np.array([[0, 0], [2048, 1536]], float))
+    lo, hi = polygon.min(axis=0), polygon.max(axis=0)
+    assert np.all(lo[:2] >= level_corners[:, :2].min(axis=0) - 1e-4)
+    assert np.all(hi[:2] <= level_corners[:, :2].max(axis=0) + 1e-4)
+    centre_13 = to_slide(np.array([[1.5 * TILE, 0.5 * TILE]]))[0]  # tile (0, 1) centre
+    assert np.all(centre_13[:2] >= lo[:2]) and np.all(centre_13[:2] <= hi[:2])
+
+
+def test_sr_copies_identity_and_references_source(source, level):
+    sr = roundtrip(build_sr(source, level, make_score(SlideCall.TWO), ALGORITHM))
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",
+                    "AccessionNumber", "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        assert sr[keyword].value == level[keyword].value, keyword
+    assert sr.SeriesInstanceUID != SERIES_UID and sr.Modality == "SR"
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert "not for clinical use" in sr.SeriesDescription.lower()
+    referenced = {
+        inst.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    }
+    assert referenced == {ds.SOPInstanceUID for ds in source}
+    report = srread(sr)
+    # Subject context: Specimen with the source's specimen and container identifiers.
+    items = {
+        (i.ConceptNameCodeSequence[0].CodeMeaning): i for i in sr.ContentSequence
+        if i.RelationshipType == "HAS OBS CONTEXT"
+    }
+    assert items["Subject Class"].ConceptCodeSequence[0].CodeValue == "121027"
+    assert items["Specimen UID"].UID == SPECIMEN_UID
+    assert items["Specimen Identifier"].TextValue == "S24-0042-A1"
+    assert items["Specimen Container Identifier"].TextValue == "SLIDE-0042-A1"
+    procedure = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure[0].ConceptCodeSequence[0].CodeValue == "112703"
+    # Image library lists every level.
+    library = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"]
+    listed = {
+        img.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for grp in library[0].ContentSequence for img in grp.ContentSequence if img.ValueType == "IMAGE"
+    }
+    assert listed == {ds.SOPInstanceUID for ds in source}
+    assert report.content.get_observer_contexts()  # device observer present
+    # Contributing equipment: the model with its per-version Device UID (IHE AI Results).
+    equipment = [e for e in sr.ContributingEquipmentSequence if e.get("ManufacturerModelName") == ALGORITHM.name]
+    assert equipment and equipment[0].DeviceUID == result_uids(SERIES_UID, ALGORITHM.name, ALGORITHM.version).device
+    assert ALGORITHM.version in equipment[0].SoftwareVersions
+
+
+def test_sr_carries_flags_and_intended_use(source, level):
+    score = make_score(SlideCall.ZERO)
+    sr = roundtrip(build_sr(source, level, score, ALGORITHM))
+
+    def texts(node):
+        for item in node.get("ContentSequence", []):
+            if item.ValueType == "TEXT":
+                yield item.ConceptNameCodeSequence[0].CodeMeaning, item.TextValue
+            yield from texts(item)
+
+    found = list(texts(sr))
+    assert [v for n, v in found if n == "Scoring flag"] == score.flags
+    assert any(n == "Comment" and "not for clinical use" in v.lower() for n, v in found)
+    assert any(s.CodingSchemeDesignator == "99HER2" for s in sr.CodingSchemeIdentificationSequence)
+
+
+def test_sr_uids_are_idempotent(source, level):
+    a = build_sr(source, level, make_score(SlideCall.ONE), ALGORITHM)
+    b = build_sr(source, level, make_score(SlideCall.ONE, seed=5), ALGORITHM)
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    other = AlgorithmInfo(name=ALGORITHM.name, version="1.3.0", software_version="0.1.0")
+    c = build_sr(source, level, make_score(SlideCall.ONE), other)
+    assert c.SOPInstanceUID != a.SOPInstanceUID and c.SeriesInstanceUID != a.SeriesInstanceUID
+
+
+def test_sr_refuses_bad_input(source, level):
+    score = make_score(SlideCall.ONE)
+    with pytest.raises(ValueError, match="not one of source_instances"):
+        build_sr(source[1:], level, score, ALGORITHM)
+    bad_grid = SlideScore(call=score.call, percentages=score.percentages,
+                          grid=TileGrid(3, 4, TILE, (0.0005, 0.0005)), probabilities=score.probabilities,
+                          tumour_fraction=score.tumour_fraction, scored=score.scored)
+    with pytest.raises(ValueError, match="does not match the scored level"):
+        build_sr(source, level, bad_grid, ALGORITHM)
+    no_specimen = copy.deepcopy(level)
+    del no_specimen.SpecimenDescriptionSequence
+    with pytest.raises(ValueError, match="SpecimenDescriptionSequence"):
+        build_sr([no_specimen], no_specimen, score, ALGORITHM)
+
+
+# --- heatmap SEG ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def heatmap(level):
+    score = make_score(SlideCall.TWO, seed=3)
+    seg = build_heatmap(level, score, ALGORITHM)
+    return score, seg, roundtrip(seg)
+
+
+def test_heatmap_geometry(level, heatmap):
+    score, _, ds = heatmap
+    assert ds.SOPClassUID == pydicom.uid.SegmentationStorage
+    assert ds.FrameOfReferenceUID == level.FrameOfReferenceUID
+    assert ds.SegmentationType == "FRACTIONAL" and ds.SegmentationFractionalType == "PROBABILITY"
+    assert ds.ContentLabel == "HER2_HEATMAP"
+    assert len(ds.SegmentSequence) == 4
+    assert [s.SegmentLabel for s in ds.SegmentSequence] == [f"HER2 IHC {c}" for c in CLASSES]
+    assert all(s.SegmentAlgorithmName == ALGORITHM.name for s in ds.SegmentSequence)
+    assert (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == (GRID.rows, GRID.cols)
+    spacing = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
+    assert spacing == pytest.approx([TILE * SPACING_MM] * 2)
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID"):
+        assert ds[keyword].value == level[keyword].value
+    uids = result_uids(SERIES_UID, ALGORITHM.name, ALGORITHM.version)
+    assert ds.SeriesInstanceUID == uids.seg_series and ds.SOPInstanceUID == uids.seg
+    assert ds.SeriesInstanceUID not in (SERIES_UID, uids.sr_series)
+    assert "not for clinical use" in ds.SeriesDescription.lower()
+
+
+def test_heatmap_probabilities_read_back(heatmap):
+    score, _, ds = heatmap
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    expected = np.nan_to_num(score.probabilities)
+    for k in range(len(CLASSES)):
+        tpm = seg.get_total_pixel_matrix(segment_numbers=[k + 1], combine_segments=False)
+        assert tpm.shape[:2] == (GRID.rows, GRID.cols)
+        assert np.abs(tpm[..., 0] - expected[..., k]).max() <= 1 / 255 + 1e-6
+    # Unscored tiles are 0 in every segment.
+    tpm = seg.get_total_pixel_matrix(combine_segments=False)
+    assert np.all(tpm[0, 0] == 0) and np.all(tpm[2, 3] == 0)
+
+
+def test_heatmap_pixels_sit_on_tile_centres(level, heatmap):
+    """Slide position of heatmap pixel (r, c) = slide position of the centre of tile (r, c)."""
+    _, _, ds = heatmap
+    heat = hd.spatial.PixelToReferenceTransformer.for_image(ds, for_total_pixel_matrix=True)
+    src = hd.spatial.ImageToReferenceTransformer.for_image(level, for_total_pixel_matrix=True)
+    rows, cols = np.mgrid[0:GRID.rows, 0:GRID.cols]
+    heat_pos = heat(np.stack([cols.ravel(), rows.ravel()], axis=1))
+    centres = src(np.stack([(cols.ravel() + 0.5) * TILE, (rows.ravel() + 0.5) * TILE], axis=1).astype(float))
+    assert np.allclose(heat_pos, centres, atol=1e-6)
+    # And the per-frame plane positions written by highdicom agree with the same mapping.
+    frame1 = hd.spatial.PixelToReferenceTransformer.for_image(ds, frame_number=1)
+    assert np.allclose(frame1(np.array([[0, 0]])), centres[:1], atol=1e-6)
+
+
+def test_heatmap_is_readable_from_file_and_idempotent(level, heatmap, tmp_path):
+    score, seg, _ = heatmap
+    path = tmp_path / "heatmap.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    again = hd.seg.segread(path)
+    assert again.number_of_segments == 4
+    other = build_heatmap(level, score, ALGORITHM)
+    assert (other.SOPInstanceUID, other.SeriesInstanceUID) == (seg.SOPInstanceUID, seg.SeriesInstanceUID)
+    changed = build_heatmap(level, score, AlgorithmInfo(name=ALGORITHM.name, version="9", software_version="x"))
+    assert changed.SOPInstanceUID != seg.SOPInstanceUID
+
+
+def test_heatmap_refuses_mismatched_arrays(level):
+    score = make_score(SlideCall.ONE)
+    score.probabilities = score.probabilities[:, :3]
+    with pytest.raises(ValueError, match="probabilities has shape"):
+        build_heatmap(level, score, ALGORITHM)
+
+
+# --- third-party validation (dciodvfy) -------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) not installed")
+@pytest.mark.parametrize("kind", ["sr", "seg"])
+def test_dciodvfy_finds_no_errors(source, level, tmp_path, kind):
+    """dicom3tools' IOD validator reports no errors (warnings: the local 99HER2 scheme, Device UID)."""
+    score = make_score(SlideCall.TWO)
+    ds = build_sr(source, level, score, ALGORITHM) if kind == "sr" else build_heatmap(level, score, ALGORITHM)
+    path = tmp_path / f"{kind}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    report = result.stdout + result.stderr
+    assert ("Comprehensive3DSR" if kind == "sr" else "Segmentation") in report
+    errors = [line for line in report.splitlines() if line.startswith("Error")]
+    assert not errors, report
+
+
+def test_multi_frame_heatmap_frames_sit_on_their_tiles(level):
+    """A heatmap wider than one frame: every frame's Plane Position is the centre of its first tile."""
+    grid = TileGrid(rows=600, cols=700, tile_size=2, pixel_spacing_mm=(SPACING_MM, SPACING_MM))
+    probabilities = np.full((grid.rows, grid.cols, len(CLASSES)), 0.25, np.float32)
+    score = SlideScore(call=SlideCall.ONE, percentages={c: 25.0 for c in CLASSES}, grid=grid,
+                       probabilities=probabilities, tumour_fraction=np.ones((grid.rows, grid.cols), np.float32),
+                       scored=np.ones((grid.rows, grid.cols), bool))
+    ds = roundtrip(build_heatmap(level, score, ALGORITHM))
+    assert (ds.Rows, ds.Columns) == (512, 512) and (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == (600, 700)
+    src = hd.spatial.ImageToReferenceTransformer.for_image(level, for_total_pixel_matrix=True)
+    seen = set()
+    for frame in range(1, int(ds.NumberOfFrames) + 1):
+        position = hd.spatial.PixelToReferenceTransformer.for_image(ds, frame_number=frame)(np.array([[0, 0]]))[0]
+        item = ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSlideSequence[0]
+        r0, c0 = item.RowPositionInTotalImagePixelMatrix - 1, item.ColumnPositionInTotalImagePixelMatrix - 1
+        centre = src(np.array([[(c0 + 0.5) * grid.tile_size, (r0 + 0.5) * grid.tile_size]]))[0]
+        assert np.allclose(position, centre, atol=1e-6)
+        seen.add((r0, c0))
+    assert seen == {(0, 0), (0, 512), (512, 0), (512, 512)}
