@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from dicom_io.errors import SlideError
 from worker.aggregate import CLASSES
+from worker import service_cli
 from worker.model_card import ModelCardError
 from worker.settings import Settings, load_settings
 
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective settings and what each key means")
     common(p)
     p.set_defaults(func=cmd_config)
+    service_cli.register(sub)
     return parser
 
 

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
         description="Calling AE titles allowed to associate; empty list = accept any caller.",
     )
     spool_dir: Path = Field(Path("spool"), description="Received instances, one folder per series.")
+    max_associations: int = Field(25, ge=1, description="Concurrent associations the listener accepts.")
     stable_seconds: float = Field(
         10.0, gt=0, description="A series is complete when no instance arrived for this long (like Orthanc StableAge)."
     )
@@ -73,6 +74,12 @@ class Settings(BaseSettings):
     destination_port: int = Field(4242, ge=1, le=65535, description="Port of the result destination.")
     destination_aet: str = Field("ORTHANC", max_length=16, description="AE title of the result destination.")
     outbox_dir: Path = Field(Path("outbox"), description="Results waiting for delivery when the PACS is down.")
+    outbox_retry_seconds: float = Field(
+        30.0, gt=0, description="How often workers retry delivering the outbox to the destination PACS."
+    )
+    dicom_timeout_seconds: float = Field(
+        30.0, gt=0, description="ACSE, DIMSE and network timeout of our DICOM associations (PS3.8)."
+    )
 
     # --- queue ----------------------------------------------------------------
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
@@ -80,6 +87,13 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = Field(1800, ge=1, description="Seconds before a slide job is asked to stop.")
     task_time_limit: int = Field(2100, ge=1, description="Seconds before a slide job is killed.")
     task_max_retries: int = Field(5, ge=0, description="Retries before a job is parked with its reason.")
+    task_retry_backoff_max: int = Field(600, ge=1, description="Upper bound in seconds of the exponential retry backoff.")
+    state_redis_url: str = Field(
+        "redis://127.0.0.1:6379/2", description="Redis holding job status and the one-job-per-series claims."
+    )
+    state_dir: Path = Field(
+        Path("state"), description="Job status and claims in embedded mode (`her2 serve --embedded`, no Redis)."
+    )
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""Storage SCP for whole-slide images: receive, spool, hand off (``her2 listen``).
+
+A pynetdicom Application Entity that accepts, as SCP only:
+
+- VL Whole Slide Microscopy Image Storage (1.2.840.10008.5.1.4.1.1.77.1.6),
+  PS3.4 Annex B Storage Service Class, in the transfer syntaxes wsidicom can
+  decode (:data:`TRANSFER_SYNTAXES`);
+- Verification (1.2.840.10008.1.1), PS3.4 Annex A (C-ECHO).
+
+Any other SOP class (a CT image, say) is not negotiated: its presentation
+context is refused with result "abstract syntax not supported" (PS3.8 9.3.3.2)
+and the refusal is logged. Associations from a calling AE title outside
+``allowed_calling_aets`` are rejected with A-ASSOCIATE-RJ (rejected-permanent,
+service-user, "calling AE title not recognized"; PS3.8 7.1.1.9), and so are
+calls addressed to another called AE title than ours.
+
+Event handlers only hand off: the C-STORE handler writes the encoded data set
+atomically into the spool and tells a callback; nothing is decoded beyond the
+identifying UIDs and no patient attribute is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    VLWholeSlideMicroscopyImageStorage,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_io.spool import SpoolPathError, spool_instance
+
+log = logging.getLogger(__name__)
+
+#: Transfer syntaxes accepted for whole-slide images: uncompressed, JPEG (PS3.5 A.4.1/A.4.2/A.4.3),
+#: JPEG-LS (A.4.3), JPEG 2000 (A.4.4) and High-Throughput JPEG 2000 (A.4.11) - what wsidicom decodes.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+]
+
+# C-STORE response statuses (PS3.4 B.2.3, PS3.7 Annex C).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+#: ``on_spooled(study_uid, series_uid, series_folder)``, called after each instance is safely on disk.
+SpooledCallback = Callable[[str, str, Path], None]
+
+#: Presentation context results (PS3.8 9.3.3.2) that explain a refusal in the log.
+_CONTEXT_RESULTS = {
+    0x01: "user rejection",
+    0x02: "no reason",
+    0x03: "abstract syntax (SOP class) not supported",
+    0x04: "none of the proposed transfer syntaxes supported",
+}
+
+
+class StorageHandlers:
+    """pynetdicom event handlers of the listener; they spool and hand off, nothing more."""
+
+    def __init__(self, spool_dir: Path, on_spooled: SpooledCallback, allowed_calling_aets: list[str]) -> None:
+        self.spool_dir = Path(spool_dir)
+        self.on_spooled = on_spooled
+        self.allowed_calling_aets = allowed_calling_aets
+
+    def handle_echo(self, event: Event) -> int:
+        """C-ECHO (PS3.4 A.4): always Success."""
+        return SUCCESS
+
+    def handle_store(self, event: Event) -> int:
+        """C-STORE (PS3.4 B.2.2): spool the instance atomically, notify, return a PS3.4 B.2.3 status."""
+        request = event.request
+        try:
+            ds = event.dataset
+            study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
+            sop_class, sop_uid = ds.SOPClassUID, ds.SOPInstanceUID
+        except Exception as exc:  # any decoding problem of peer data: refuse this instance, keep serving
+            log.warning("C-STORE %s refused (cannot understand): %s", request.AffectedSOPInstanceUID,
+                        type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        if sop_class != request.AffectedSOPClassUID or sop_uid != request.AffectedSOPInstanceUID:
+            log.warning("C-STORE %s refused: data set SOP class/instance differ from the request",
+                        request.AffectedSOPInstanceUID)
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        try:
+            path = spool_instance(self.spool_dir, study_uid, series_uid, sop_uid, event.encoded_dataset())
+        except SpoolPathError as exc:
+            log.warning("C-STORE refused (cannot understand): %s", exc)
+            return CANNOT_UNDERSTAND
+        except OSError as exc:
+            log.error("C-STORE %s refused (out of resources): spool write failed: %s", sop_uid, exc.strerror or exc)
+            return OUT_OF_RESOURCES
+        log.info("spooled instance %s of series %s from %s", sop_uid, series_uid,
+                 event.assoc.requestor.ae_title)
+        self.on_spooled(study_uid, series_uid, path.parent)
+        return SUCCESS
+
+    def handle_accepted(self, event: Event) -> None:
+        """Log each refused presentation context with its reason (e.g. a CT image: SOP class not supported)."""
+        for cx in event.assoc.rejected_contexts:
+            log.warning("association from %s: presentation context for %s refused: %s",
+                        event.assoc.requestor.ae_title, cx.abstract_syntax,
+                        _CONTEXT_RESULTS.get(cx.result or 0, f"result {cx.result}"))
+
+    def handle_rejected(self, event: Event) -> None:
+        """Log why an association was rejected (PS3.8 A-ASSOCIATE-RJ)."""
+        calling = event.assoc.requestor.ae_title
+        if self.allowed_calling_aets and calling not in self.allowed_calling_aets:
+            why = "calling AE title not on the allow-list"
+        else:
+            why = f"called AE title {event.assoc.acceptor.ae_title!r} not ours"
+        log.warning("association from %s at %s rejected: %s", calling, event.assoc.requestor.address, why)
+
+    def bindings(self) -> list[tuple]:
+        return [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
+        ]
+
+
+def build_ae(ae_title: str, allowed_calling_aets: list[str], timeout: float, max_associations: int) -> AE:
+    """The listener's Application Entity: SCP of WSI storage and verification only (PS3.8 association rules)."""
+    ae = AE(ae_title=ae_title)
+    ae.add_supported_context(VLWholeSlideMicroscopyImageStorage, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.require_calling_aet = list(allowed_calling_aets)
+    ae.require_called_aet = True
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.maximum_associations = max_associations
+    return ae
+
+
+def start_listener(settings, on_spooled: SpooledCallback) -> ThreadedAssociationServer:
+    """Start the Storage SCP in background threads; ``server.shutdown()`` stops it.
+
+    ``settings`` is a :class:`worker.settings.Settings` (network, AE and spool keys).
+    """
+    handlers = StorageHandlers(settings.spool_dir, on_spooled, settings.allowed_calling_aets)
+    ae = build_ae(settings.ae_title, settings.allowed_calling_aets, settings.dicom_timeout_seconds,
+                  settings.max_associations)
+    server = ae.start_server((settings.listen_host, settings.listen_port), block=False,
+                             evt_handlers=handlers.bindings())
+    log.info("listening as %s on %s:%d (spool %s)", settings.ae_title, *server.server_address[:2],
+             settings.spool_dir)
+    return server

@@ -1,0 +1,186 @@
+"""Deliver result objects to the PACS: an on-disk outbox drained by a C-STORE SCU.
+
+Results are first written to the outbox (``<outbox>/<source SeriesUID>/<SOPInstanceUID>.dcm``,
+atomically), then sent; a file leaves the outbox only when the destination
+answered Success or a Warning (PS3.4 B.2.3). The outbox is therefore the
+source of truth: if the PACS is down, nothing is lost and a later
+:meth:`Outbox.flush` delivers it. A PACS that answers with a Failure status
+(a permanent refusal, e.g. 0xA9xx or 0xCxxx) would be refused again on every
+retry, so such a file is parked under ``<outbox>/.rejected/`` with the status in
+a ``.reason`` file beside it instead of being retried forever.
+
+Because result SOP Instance UIDs are deterministic, sending a file twice
+(a crash between the PACS's answer and the unlink) stores the same instance
+again rather than a duplicate.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_io.spool import checked_uid, write_atomic
+
+log = logging.getLogger(__name__)
+
+REJECTED = ".rejected"
+#: C-STORE statuses after which the instance is stored (PS3.4 B.2.3): Success and the Warnings.
+DELIVERED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The C-STORE SCP that receives results (PS3.8 association parameters)."""
+
+    host: str
+    port: int
+    ae_title: str
+    calling_ae_title: str
+    timeout: float
+
+    @classmethod
+    def from_settings(cls, settings) -> "Destination":
+        return cls(settings.destination_host, settings.destination_port, settings.destination_aet,
+                   settings.ae_title, settings.dicom_timeout_seconds)
+
+
+@dataclass
+class FlushReport:
+    """Per source series: instances delivered now, still waiting, and parked with a reason."""
+
+    delivered: dict[str, int] = field(default_factory=dict)
+    waiting: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    unreachable: str = ""
+
+
+def encode(ds: Dataset) -> bytes:
+    """A Part 10 file (preamble, File Meta Information) of ``ds``, as bytes."""
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[bool]:
+    """Exclusive, non-blocking lock on ``path``: yields False when another flusher holds it."""
+    with open(path, "rb") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Outbox:
+    """Result files waiting for delivery, grouped by the source series they belong to."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def put(self, source_series_uid: str, datasets: list[Dataset]) -> list[Path]:
+        """Write ``datasets`` atomically into the outbox of ``source_series_uid``."""
+        folder = self.root / checked_uid(source_series_uid, "SeriesInstanceUID")
+        paths = []
+        for ds in datasets:
+            path = folder / f"{checked_uid(ds.SOPInstanceUID, 'SOPInstanceUID')}.dcm"
+            write_atomic(path, encode(ds))
+            paths.append(path)
+        return paths
+
+    def pending(self, source_series_uid: str | None = None) -> dict[str, list[Path]]:
+        """Files waiting, per source series (only ``source_series_uid`` when given)."""
+        pattern = checked_uid(source_series_uid, "SeriesInstanceUID") if source_series_uid else "*"
+        waiting: dict[str, list[Path]] = {}
+        for folder in sorted(self.root.glob(pattern)):
+            if folder.name != REJECTED and folder.is_dir():
+                files = sorted(folder.glob("*.dcm"))
+                if files:
+                    waiting[folder.name] = files
+        return waiting
+
+    def flush(self, destination: Destination, source_series_uid: str | None = None) -> FlushReport:
+        """Send what is waiting over one association; keep whatever was not acknowledged.
+
+        An unreachable destination or an association that breaks off leaves the
+        remaining files in place (``report.unreachable`` says why); a Failure
+        status parks that one file under ``.rejected``.
+        """
+        report = FlushReport()
+        waiting = self.pending(source_series_uid)
+        if not waiting:
+            return report
+        headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for files in waiting.values() for p in files}
+        ae = AE(ae_title=destination.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = destination.timeout
+        for sop_class in sorted({h.SOPClassUID for h in headers.values()}):
+            syntaxes = {h.file_meta.TransferSyntaxUID for h in headers.values() if h.SOPClassUID == sop_class}
+            ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        if not assoc.is_established:
+            report.unreachable = f"no association with {destination.ae_title} at {destination.host}:{destination.port}"
+            report.waiting = {series: len(files) for series, files in waiting.items()}
+            log.warning("outbox: %s; %d instance(s) wait", report.unreachable, len(headers))
+            return report
+        try:
+            for series, files in waiting.items():
+                for path in files:
+                    outcome = self._send_one(assoc, path)
+                    if outcome == "delivered":
+                        report.delivered[series] = report.delivered.get(series, 0) + 1
+                    elif outcome != "kept":
+                        report.rejected[series] = outcome
+                    if not assoc.is_established:
+                        report.unreachable = "association with the destination ended during delivery"
+                        break
+                if report.unreachable:
+                    break
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        for series, files in waiting.items():
+            left = sum(1 for p in files if p.exists())
+            if left:
+                report.waiting[series] = left
+        return report
+
+    def _send_one(self, assoc, path: Path) -> str:
+        """C-STORE one outbox file: "delivered", "kept" (try again later) or a rejection reason."""
+        with _locked(path) as mine:
+            if not mine or not path.exists():
+                return "kept"
+            ds = pydicom.dcmread(path)
+            try:
+                response = assoc.send_c_store(ds)
+            except ValueError as exc:  # no presentation context accepted for this SOP class/transfer syntax
+                return self._reject(path, f"destination accepts no presentation context: {exc}")
+            status = response.get("Status") if response else None
+            if status is None:
+                return "kept"
+            if status in DELIVERED_STATUSES:
+                path.unlink()
+                log.info("delivered result %s (status 0x%04X)", ds.SOPInstanceUID, status)
+                return "delivered"
+            return self._reject(path, f"destination answered C-STORE status 0x{status:04X}")
+
+    def _reject(self, path: Path, reason: str) -> str:
+        target = self.root / REJECTED / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+        target.with_suffix(".reason").write_text(reason + "\n")
+        log.error("result %s parked in %s: %s", path.stem, target.parent, reason)
+        return reason

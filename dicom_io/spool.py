@@ -1,0 +1,86 @@
+"""On-disk spool of received instances: ``<spool>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.
+
+Every file is written atomically (temporary file in the same folder, fsync,
+rename, fsync of the folder), so a reader never sees a half-written instance,
+whatever happens to the process or the disk in the middle. Path parts are
+validated as DICOM UIDs (PS3.5 section 9: digits and dots, at most 64
+characters), so nothing received from the network can name a path outside the
+spool.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from pydicom.uid import UID
+
+
+#: Folder under the spool root holding partial files until their rename.
+INCOMING = ".incoming"
+
+
+class SpoolPathError(ValueError):
+    """A UID from the network is not a valid DICOM UID and cannot name a spool path."""
+
+
+def checked_uid(value: object, what: str) -> str:
+    """Return ``value`` as a string if it is a valid DICOM UID (PS3.5 9.1), else raise :class:`SpoolPathError`."""
+    text = str(value or "")
+    if not UID(text).is_valid:
+        raise SpoolPathError(f"{what} {text[:80]!r} is not a valid DICOM UID")
+    return text
+
+
+def series_dir(spool_dir: Path, study_uid: str, series_uid: str) -> Path:
+    """Folder of one series in the spool, after validating both UIDs."""
+    return Path(spool_dir) / checked_uid(study_uid, "StudyInstanceUID") / checked_uid(series_uid, "SeriesInstanceUID")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either nothing, the old file or all of ``data``.
+
+    The temporary file lives in ``tmp_dir`` (default: beside ``path``; it must
+    be on the same file system). On any error it is removed and the error
+    propagates (typically :class:`OSError` for a full or read-only disk).
+    """
+    tmp_dir = Path(tmp_dir or path.parent)
+    for folder in (path.parent, tmp_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="incoming-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, encoded: bytes) -> Path:
+    """Store one encoded DICOM file (preamble, File Meta Information, data set) in the spool.
+
+    Partial files live in ``<spool>/.incoming`` until renamed, so a series
+    folder only ever holds complete instances.
+    """
+    folder = series_dir(spool_dir, study_uid, series_uid)
+    path = folder / f"{checked_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+    write_atomic(path, encoded, Path(spool_dir) / INCOMING)
+    return path
+
+
+def instance_uids(folder: Path) -> list[str]:
+    """SOP Instance UIDs of the complete instances spooled in one series folder, sorted."""
+    return sorted(p.stem for p in Path(folder).glob("*.dcm"))

@@ -1,0 +1,80 @@
+"""Fixtures starting the real stack: redis-server, Orthanc, `her2 listen` and a Celery worker.
+
+Every test gets fresh servers on free loopback ports under its own tmp dir
+(Redis is shared per session and flushed per test). Nothing is installed at
+test time; missing binaries fail the test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis as redis_client
+
+from pacs_stack import Orthanc, Redis, Server, free_port, her2, port_open, service_env, wait_until
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = Redis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Stack:
+    root: Path
+    redis: Redis
+    listener_port: int
+    orthanc: Orthanc
+    servers: list[Server]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return service_env(self.redis, self.root, self.listener_port, self.orthanc.dicom_port, **extra)
+
+    def start_listener(self, **extra: str) -> Server:
+        server = Server("her2 listen", her2("listen"), self.root / "listener.log", self.env(**extra)).start()
+        self.servers.append(server)
+        wait_until(lambda: server.check_alive() or port_open(self.listener_port), 60, "the listener's port")
+        return server
+
+    def start_worker(self, **extra: str) -> Server:
+        server = Server("her2 worker", her2("worker", "--pool", "solo", "--hostname", f"her2-{self.listener_port}@%h"),
+                        self.root / "worker.log", self.env(**extra)).start()
+        self.servers.append(server)
+        wait_until(lambda: server.check_alive() or "ready." in server.log(), 90, "the Celery worker to be ready")
+        return server
+
+    def job_state(self, series_uid: str) -> str | None:
+        return redis_client.Redis(port=self.redis.port, db=2, decode_responses=True).hget(
+            f"her2:status:{series_uid}", "state")
+
+    def logs(self) -> str:
+        return "\n".join(s.log() for s in self.servers)
+
+
+def _started_stack(root: Path, redis: Redis):
+    redis_client.Redis(port=redis.port).flushall()
+    listener_port = free_port()
+    orthanc = Orthanc(root / "orthanc", listener_port).start()
+    s = Stack(root, redis, listener_port, orthanc, [orthanc])
+    yield s
+    for server in reversed(s.servers):
+        server.stop()
+
+
+@pytest.fixture
+def stack(tmp_path, redis_server):
+    """Fresh Orthanc routing to our listener, flushed Redis; the test starts listener and worker itself."""
+    yield from _started_stack(tmp_path, redis_server)
+
+
+@pytest.fixture(scope="module")
+def scoring_stack(tmp_path_factory, redis_server):
+    """Orthanc + listener + Celery worker shared by a module's scoring tests (scoring is the slow part)."""
+    for s in _started_stack(tmp_path_factory.mktemp("stack"), redis_server):
+        s.start_listener()
+        s.start_worker()
+        yield s
