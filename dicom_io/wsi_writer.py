@@ -19,7 +19,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 from pydicom import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
@@ -30,6 +30,8 @@ from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, ge
 TileSource = Callable[[int, int, int, int], np.ndarray]
 
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1424.1"
+#: The frames are sRGB (PS3.3 C.11.15 ICC Profile in the Optical Path Sequence).
+SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 #: Slide coordinates (mm) of the top-left corner of the scanned area.
 ORIGIN_MM = (20.0, 40.0)
 
@@ -130,7 +132,8 @@ class _LevelEncoder:
 
 
 def _level_dataset(
-    identity: SlideIdentity, level: int, width: int, height: int, tile: int, mpp: float, base_mpp: float, frames: int
+    identity: SlideIdentity, level: int, width: int, height: int, tile: int, mpp: float, base_mpp: float, frames: int,
+    compression_ratio: float,
 ) -> Dataset:
     ds = Dataset()
     now = datetime(2026, 1, 1, 12, 0, 0)
@@ -200,11 +203,20 @@ def _level_dataset(
     ds.PixelRepresentation = 0
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.LossyImageCompressionRatio = round(compression_ratio, 2)
+    dimension_uid = generate_uid(entropy_srcs=[identity.series_instance_uid, "dimension-organization"])
+    organization = Dataset()
+    organization.DimensionOrganizationUID = dimension_uid
+    ds.DimensionOrganizationSequence = DicomSequence([organization])
+    ds.AcquisitionContextSequence = DicomSequence([])
     measures = Dataset()
     measures.PixelSpacing = [round(mpp / 1000.0, 9), round(mpp / 1000.0, 9)]
     measures.SliceThickness = 0.004
+    frame_type = Dataset()
+    frame_type.FrameType = list(ds.ImageType)
     shared = Dataset()
     shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.WholeSlideMicroscopyImageFrameTypeSequence = DicomSequence([frame_type])
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     # Optical Path (PS3.3 C.8.12.5): brightfield, white light.
     path = Dataset()
@@ -213,6 +225,7 @@ def _level_dataset(
     path.IlluminationTypeCodeSequence = DicomSequence([hd.sr.CodedConcept("111744", "DCM", "Brightfield illumination")])
     path.IlluminationColorCodeSequence = DicomSequence([hd.sr.CodedConcept("414298005", "SCT", "Full Spectrum")])
     path.ObjectiveLensPower = objective_power(base_mpp)
+    path.ICCProfile = SRGB_PROFILE
     ds.OpticalPathSequence = DicomSequence([path])
     ds.NumberOfOpticalPaths = 1
     # Specimen (PS3.3 C.7.6.22): one slide, one HER2 IHC-stained specimen.
@@ -291,7 +304,8 @@ def write_wsi(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for level, (enc, (w, h)) in enumerate(zip(encoders, sizes)):
-        ds = _level_dataset(identity, level, w, h, tile_size, mpp * 2**level, mpp, len(enc.frames))
+        ratio = len(enc.frames) * tile_size * tile_size * 3 / max(1, sum(len(f) for f in enc.frames))
+        ds = _level_dataset(identity, level, w, h, tile_size, mpp * 2**level, mpp, len(enc.frames), ratio)
         ds.PixelData = encapsulate(enc.frames)
         ds["PixelData"].VR = "OB"
         path = out_dir / f"level-{level}.dcm"

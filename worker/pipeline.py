@@ -176,10 +176,9 @@ def write_outputs(result: ScoringResult, thumbnail: np.ndarray, thumb_scale: flo
                   model: TileModel) -> list[Path]:
     """Write SR, SEG, overlay PNG and a JSON summary into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sr, seg = result.datasets
-    files = [out_dir / "her2_sr.dcm", out_dir / "her2_heatmap_seg.dcm"]
-    sr.save_as(files[0], enforce_file_format=True)
-    seg.save_as(files[1], enforce_file_format=True)
+    files = [out_dir / name for name in ("her2_sr.dcm", "her2_heatmap_seg.dcm")[: len(result.datasets)]]
+    for ds, path in zip(result.datasets, files):
+        ds.save_as(path, enforce_file_format=True)
     files.append(write_overlay(thumbnail, result.score, thumb_scale, out_dir / "her2_overlay.png"))
     summary = {
         "series_instance_uid": result.source.series_instance_uid,
