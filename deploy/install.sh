@@ -4,7 +4,7 @@
 #   bash deploy/install.sh              worker + CLI in .venv (no torch)
 #   bash deploy/install.sh --dev        + test tools
 #   bash deploy/install.sh --train      + torch/torchvision for model_training (~5 GB)
-#   bash deploy/install.sh --services   + Debian orthanc, redis-server, dcmtk (integration tests, local stack)
+#   bash deploy/install.sh --services   + Debian orthanc, redis-server, dcmtk, dicom3tools (tests, local stack)
 #   bash deploy/install.sh --gpu        + onnxruntime-gpu (CUDA execution provider)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,9 +24,10 @@ done
 
 if [ "$services" = 1 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  if ! command -v Orthanc >/dev/null || ! command -v redis-server >/dev/null || ! command -v storescu >/dev/null; then
+  if ! command -v Orthanc >/dev/null || ! command -v redis-server >/dev/null || ! command -v storescu >/dev/null \
+     || ! command -v dciodvfy >/dev/null; then
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc redis-server dcmtk >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc redis-server dcmtk dicom3tools >/dev/null
   fi
 fi
 

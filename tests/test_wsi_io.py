@@ -1,6 +1,7 @@
 """Synthetic slides written as DICOM VL WSM open with wsidicom and read back what was rendered."""
 
 import json
+import subprocess
 
 import numpy as np
 import pydicom
@@ -52,3 +53,12 @@ def test_same_seed_same_uids(tmp_path):
     da, db = pydicom.dcmread(a), pydicom.dcmread(b)
     assert da.SOPInstanceUID == db.SOPInstanceUID and da.SeriesInstanceUID == db.SeriesInstanceUID
     assert da.PixelData == db.PixelData
+
+
+def test_written_levels_pass_dciodvfy(slides):
+    """dicom3tools' IOD validator finds no error in any level of a synthetic slide."""
+    for path in sorted(slides["3+"].glob("level-*.dcm")):
+        proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        report = proc.stdout + proc.stderr
+        assert "VLWholeSlideMicroscopyImage" in report
+        assert not [line for line in report.splitlines() if line.startswith("Error")], report
