@@ -1,10 +1,8 @@
 """Quality control on synthetic cases made for each check, and on a real H&E slide."""
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from dicom_io.wsi import open_slide
 from model_training.synthetic import SlideSpec, render_thumbnail
