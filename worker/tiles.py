@@ -2,9 +2,10 @@
 
 ``survey_slide`` finds tissue on a thumbnail at :data:`THUMBNAIL_MPP` and fits
 the slide's stain normaliser there, ``prepare_slide`` lays the tile grid at the
-model's magnification; ``tile_batches`` reads only tissue tiles, decoding them in a
-thread pool a bounded number of batches ahead of the consumer, drops tiles
-with too much white background and normalises each batch. Training reads
+model's magnification; ``tile_batches`` reads only tissue tiles and, in a
+thread pool a bounded number of batches ahead of the consumer, decodes each,
+drops it if it has too much white background and normalises it, so all of
+that overlaps inference and memory does not grow with the slide. Training reads
 synthetic slides through exactly this code (as DICOM files), so the model
 never sees tiles prepared differently from the ones it grades.
 """
@@ -84,21 +85,30 @@ def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float)
     return PreparedSlide(survey, level, grid, candidate_tiles(survey.mask, grid), slide.tile_reader(level, tile_size))
 
 
-def _read_ahead(read: Callable[[int, int], np.ndarray], positions: list[Position], batch_size: int,
-                threads: int, ahead: int = 2) -> Iterator[tuple[list[Position], list[np.ndarray | None]]]:
-    """Yield batches of decoded tiles (None for a corrupt tile) while later batches decode."""
+#: A tile as the pool hands it back: None if corrupt, else (normalised tile or None if too white, white fraction).
+Prepared = tuple[np.ndarray | None, float] | None
 
-    def safe_read(pos: Position) -> np.ndarray | None:
-        try:
-            return read(*pos)
-        except CorruptTileError:
-            return None
 
+def _prepare_tile(prepared: PreparedSlide, pos: Position, white_fraction_max: float) -> Prepared:
+    """Read, decode, white-filter and normalise one tile (runs in a pool thread; numpy releases the GIL)."""
+    try:
+        tile = prepared.read(*pos)
+    except CorruptTileError:
+        return None
+    white = float(white_fraction(tile))
+    if white > white_fraction_max:
+        return None, white
+    return prepared.normaliser(tile[None])[0], white
+
+
+def _read_ahead(prepare: Callable[[Position], Prepared], positions: list[Position], batch_size: int,
+                threads: int, ahead: int = 2) -> Iterator[tuple[list[Position], list[Prepared]]]:
+    """Yield batches of prepared tiles while at most ``ahead`` later batches are being prepared."""
     chunks = [positions[i : i + batch_size] for i in range(0, len(positions), batch_size)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending: deque[tuple[list[Position], list[Future]]] = deque()
         for chunk in chunks:
-            pending.append((chunk, [pool.submit(safe_read, p) for p in chunk]))
+            pending.append((chunk, [pool.submit(prepare, p) for p in chunk]))
             if len(pending) > ahead:
                 done, futures = pending.popleft()
                 yield done, [f.result() for f in futures]
@@ -110,19 +120,22 @@ def _read_ahead(read: Callable[[int, int], np.ndarray], positions: list[Position
 def tile_batches(prepared: PreparedSlide, batch_size: int, threads: int,
                  white_fraction_max: float) -> Iterator[TileBatch]:
     """Normalised tissue tiles in batches; tiles over ``white_fraction_max`` white are dropped."""
-    for positions, tiles in _read_ahead(prepared.read, prepared.candidates, batch_size, threads):
-        good = [(p, t) for p, t in zip(positions, tiles) if t is not None]
+
+    def prepare(pos: Position) -> Prepared:
+        return _prepare_tile(prepared, pos, white_fraction_max)
+
+    size = prepared.grid.tile_size
+    for positions, results in _read_ahead(prepare, prepared.candidates, batch_size, threads):
+        good = [(p, r) for p, r in zip(positions, results) if r is not None]
         corrupt = len(positions) - len(good)
         if not good:
             yield TileBatch([], np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0), corrupt, len(positions))
             continue
-        batch = np.stack([t for _, t in good])
-        white = white_fraction(batch)
-        keep = white <= white_fraction_max
+        kept = [(p, tile, white) for p, (tile, white) in good if tile is not None]
         yield TileBatch(
-            positions=[p for (p, _), k in zip(good, keep) if k],
-            tiles=prepared.normaliser(batch[keep]),
-            white=white[keep],
+            positions=[p for p, _, _ in kept],
+            tiles=np.stack([t for _, t, _ in kept]) if kept else np.zeros((0, size, size, 3), np.uint8),
+            white=np.array([w for _, _, w in kept], dtype=np.float64),
             corrupt=corrupt,
             read=len(positions),
         )
