@@ -21,11 +21,16 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 from wsidicom import WsiDicom
+from wsidicom.config import Settings as WsiSettings
 
 from dicom_io.errors import CorruptTileError, SlideError
 
 #: Sequence Delimitation Item (FFFE,E0DD) with zero length: how encapsulated Pixel Data ends.
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+#: wsidicom's frame caches default to 100 MB each and fill with every frame read, so memory grew with
+#: slide size; tissue tiles are read once, so small fixed caches suffice (regions and thumbnails still
+#: reuse the few decoded frames they straddle).
+_READ_SETTINGS = WsiSettings(encoded_frame_cache_size=4 * 1024 * 1024, decoded_frame_cache_size=16 * 1024 * 1024)
 #: Attributes that must agree across all instances of one slide.
 _IDENTITY = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -199,7 +204,8 @@ class Slide:
 def _decode(data: bytes, tile_size: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
+            im.load()  # decode errors surface here; an RGB frame is then used without a converted copy
+            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as exc:
         raise CorruptTileError(f"tile could not be decoded: {exc}") from exc
     if arr.shape[:2] != (tile_size, tile_size):
@@ -213,7 +219,7 @@ def open_slide(path: Path) -> Slide:
     headers = {p: _read_header(p) for p in _dicom_files(path)}
     _validate(headers)
     try:
-        wsi = WsiDicom.open(list(headers))
+        wsi = WsiDicom.open(list(headers), settings=_READ_SETTINGS)
     except Exception as exc:  # wsidicom raises several unrelated types for bad pyramids
         raise SlideError(f"{path}: wsidicom could not open the slide ({type(exc).__name__}: {exc})") from exc
     return Slide(wsi, headers)
