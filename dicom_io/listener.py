@@ -125,11 +125,12 @@ class StorageHandlers:
         return SUCCESS
 
     def handle_accepted(self, event: Event) -> None:
-        """Log each refused presentation context with its reason (e.g. a CT image: SOP class not supported)."""
-        for cx in event.assoc.rejected_contexts:
-            log.warning("association from %s: presentation context for %s refused: %s",
-                        event.assoc.requestor.ae_title, cx.abstract_syntax,
-                        _CONTEXT_RESULTS.get(cx.result or 0, f"result {cx.result}"))
+        """Log the refused presentation contexts with their reasons (e.g. a CT image: SOP class not supported)."""
+        refused = sorted({f"{cx.abstract_syntax} ({_CONTEXT_RESULTS.get(cx.result or 0, f'result {cx.result}')})"
+                          for cx in event.assoc.rejected_contexts})
+        if refused:
+            log.warning("association from %s: presentation context refused for %s", event.assoc.requestor.ae_title,
+                        ", ".join(refused))
 
     def handle_rejected(self, event: Event) -> None:
         """Log why an association was rejected (PS3.8 A-ASSOCIATE-RJ)."""

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from pydicom.uid import UID
+from dicom_io.uids import is_valid_uid
 
 
 #: Folder under the spool root holding partial files until their rename.
@@ -28,7 +28,7 @@ class SpoolPathError(ValueError):
 def checked_uid(value: object, what: str) -> str:
     """Return ``value`` as a string if it is a valid DICOM UID (PS3.5 9.1), else raise :class:`SpoolPathError`."""
     text = str(value or "")
-    if not UID(text).is_valid:
+    if not is_valid_uid(text):
         raise SpoolPathError(f"{what} {text[:80]!r} is not a valid DICOM UID")
     return text
 

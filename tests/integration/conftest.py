@@ -40,6 +40,16 @@ class Stack:
         wait_until(lambda: server.check_alive() or port_open(self.listener_port), 60, "the listener's port")
         return server
 
+    def start_embedded(self) -> Server:
+        """`her2 serve --embedded`, with Redis URLs pointing nowhere to prove it needs none."""
+        nowhere = f"redis://127.0.0.1:{free_port()}"
+        server = Server("her2 serve --embedded", her2("serve", "--embedded"), self.root / "serve.log",
+                        self.env(HER2_BROKER_URL=f"{nowhere}/0", HER2_RESULT_BACKEND=f"{nowhere}/1",
+                                 HER2_STATE_REDIS_URL=f"{nowhere}/2")).start()
+        self.servers.append(server)
+        wait_until(lambda: server.check_alive() or port_open(self.listener_port), 60, "the embedded server's port")
+        return server
+
     def start_worker(self, **extra: str) -> Server:
         server = Server("her2 worker", her2("worker", "--pool", "solo", "--hostname", f"her2-{self.listener_port}@%h"),
                         self.root / "worker.log", self.env(**extra)).start()
@@ -52,7 +62,8 @@ class Stack:
             f"her2:status:{series_uid}", "state")
 
     def logs(self) -> str:
-        return "\n".join(s.log() for s in self.servers)
+        """Everything our processes (listener, worker) logged; Orthanc's own log is not ours."""
+        return "\n".join(s.log() for s in self.servers if s is not self.orthanc)
 
 
 def _started_stack(root: Path, redis: Redis):

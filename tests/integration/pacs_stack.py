@@ -7,6 +7,7 @@ redis-server and dcmtk with ``deploy/install.sh --services``.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -64,6 +65,11 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _die_with_parent() -> None:
+    """Linux PR_SET_PDEATHSIG: a server gets SIGTERM if the test process dies, so none is left behind."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class Server:
     """A subprocess with its output in a log file; stopped with SIGTERM, then SIGKILL."""
 
@@ -75,7 +81,7 @@ class Server:
     def start(self) -> "Server":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
         return self
 
@@ -182,7 +188,8 @@ class Orthanc(Server):
 
 def service_env(redis: Redis, spool_root: Path, listener_port: int, destination_port: int, **extra: str) -> dict:
     """Environment for `her2 listen` / `her2 worker`: HER2_* settings pointing at the test servers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HER2_")}
+    # The model is the only setting taken from the caller (HER2_MODEL_PATH), so a test run can use another one.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HER2_") or k == "HER2_MODEL_PATH"}
     env.update({
         "HER2_LISTEN_PORT": str(listener_port),
         "HER2_AE_TITLE": LISTENER_AET,
