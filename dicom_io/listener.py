@@ -87,10 +87,9 @@ _CONTEXT_RESULTS = {
 class StorageHandlers:
     """pynetdicom event handlers of the listener; they spool and hand off, nothing more."""
 
-    def __init__(self, spool_dir: Path, on_spooled: SpooledCallback, allowed_calling_aets: list[str]) -> None:
+    def __init__(self, spool_dir: Path, on_spooled: SpooledCallback) -> None:
         self.spool_dir = Path(spool_dir)
         self.on_spooled = on_spooled
-        self.allowed_calling_aets = allowed_calling_aets
 
     def handle_echo(self, event: Event) -> int:
         """C-ECHO (PS3.4 A.4): always Success."""
@@ -133,13 +132,10 @@ class StorageHandlers:
                         ", ".join(refused))
 
     def handle_rejected(self, event: Event) -> None:
-        """Log why an association was rejected (PS3.8 A-ASSOCIATE-RJ)."""
-        calling = event.assoc.requestor.ae_title
-        if self.allowed_calling_aets and calling not in self.allowed_calling_aets:
-            why = "calling AE title not on the allow-list"
-        else:
-            why = f"called AE title {event.assoc.acceptor.ae_title!r} not ours"
-        log.warning("association from %s at %s rejected: %s", calling, event.assoc.requestor.address, why)
+        """Log why an association was rejected: the A-ASSOCIATE-RJ result, source and reason (PS3.8 7.1.1.9)."""
+        rj = event.assoc.acceptor.primitive
+        log.warning("association from %s at %s rejected (%s, %s): %s", event.assoc.requestor.ae_title,
+                    event.assoc.requestor.address, rj.result_str, rj.source_str, rj.reason_str)
 
     def bindings(self) -> list[tuple]:
         return [
@@ -167,7 +163,7 @@ def start_listener(settings, on_spooled: SpooledCallback) -> ThreadedAssociation
 
     ``settings`` is a :class:`worker.settings.Settings` (network, AE and spool keys).
     """
-    handlers = StorageHandlers(settings.spool_dir, on_spooled, settings.allowed_calling_aets)
+    handlers = StorageHandlers(settings.spool_dir, on_spooled)
     ae = build_ae(settings.ae_title, settings.allowed_calling_aets, settings.dicom_timeout_seconds,
                   settings.max_associations)
     server = ae.start_server((settings.listen_host, settings.listen_port), block=False,

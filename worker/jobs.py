@@ -94,7 +94,7 @@ class RedisJobStore:
 
 
 class FileJobStore:
-    """Job store on disk for embedded mode: ``claims/<sha256 of key>`` and ``status/<series>.json``."""
+    """Job store on disk for embedded mode: ``claims/<SeriesUID>_<content hash>`` and ``status/<series>.json``."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -102,7 +102,8 @@ class FileJobStore:
         (self.root / "status").mkdir(parents=True, exist_ok=True)
 
     def _claim_path(self, key: str) -> Path:
-        return self.root / "claims" / hashlib.sha256(key.encode()).hexdigest()
+        series_uid, _, digest = key.partition(":")
+        return self.root / "claims" / f"{checked_uid(series_uid, 'SeriesInstanceUID')}_{digest}"
 
     def claim(self, key: str) -> bool:
         try:

@@ -46,7 +46,7 @@ def test_c_echo_and_calling_ae_allow_list_with_dcmtk(stack):
     assert refused.returncode != 0
     assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
     wait_until(lambda: "association from INTRUDER" in stack.logs(), 10, "the rejection in the listener log")
-    assert "rejected: calling AE title not on the allow-list" in stack.logs()
+    assert "rejected (Rejected Permanent, Service User): Calling AE title not recognised" in stack.logs()
 
 
 def test_unknown_calling_ae_gets_a_associate_rj_with_reason(stack):
