@@ -14,9 +14,10 @@ and the refusal is logged. Associations from a calling AE title outside
 service-user, "calling AE title not recognized"; PS3.8 7.1.1.9), and so are
 calls addressed to another called AE title than ours.
 
-Event handlers only hand off: the C-STORE handler writes the encoded data set
-atomically into the spool and tells a callback; nothing is decoded beyond the
-identifying UIDs and no patient attribute is ever logged.
+Event handlers only hand off: pynetdicom streams each data set to a temporary
+file (memory stays bounded whatever the slide's size), the C-STORE handler
+copies it atomically into the spool and tells a callback; nothing is decoded
+beyond the identifying UIDs and no patient attribute is ever logged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -40,7 +42,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     VLWholeSlideMicroscopyImageStorage,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -96,10 +98,14 @@ class StorageHandlers:
         return SUCCESS
 
     def handle_store(self, event: Event) -> int:
-        """C-STORE (PS3.4 B.2.2): spool the instance atomically, notify, return a PS3.4 B.2.3 status."""
+        """C-STORE (PS3.4 B.2.2): spool the instance atomically, notify, return a PS3.4 B.2.3 status.
+
+        pynetdicom has already streamed the data set to a temporary Part 10
+        file (``event.dataset_path``); only its header is parsed here.
+        """
         request = event.request
         try:
-            ds = event.dataset
+            ds = dcmread(event.dataset_path, stop_before_pixels=True)
             study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
             sop_class, sop_uid = ds.SOPClassUID, ds.SOPInstanceUID
         except Exception as exc:  # any decoding problem of peer data: refuse this instance, keep serving
@@ -111,7 +117,7 @@ class StorageHandlers:
                         request.AffectedSOPInstanceUID)
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
-            path = spool_instance(self.spool_dir, study_uid, series_uid, sop_uid, event.encoded_dataset())
+            path = spool_instance(self.spool_dir, study_uid, series_uid, sop_uid, event.dataset_path)
         except SpoolPathError as exc:
             log.warning("C-STORE refused (cannot understand): %s", exc)
             return CANNOT_UNDERSTAND
@@ -148,6 +154,9 @@ class StorageHandlers:
 
 def build_ae(ae_title: str, allowed_calling_aets: list[str], timeout: float, max_associations: int) -> AE:
     """The listener's Application Entity: SCP of WSI storage and verification only (PS3.8 association rules)."""
+    # Received data sets are streamed to a temporary file instead of memory: slides are large and
+    # several may arrive at once. (A process-wide pynetdicom switch; the listener is its only SCP.)
+    _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(VLWholeSlideMicroscopyImageStorage, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

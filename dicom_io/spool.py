@@ -11,12 +11,17 @@ spool.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from dicom_io.uids import is_valid_uid
 
 
+#: Bytes copied at a time when spooling a received file.
+COPY_CHUNK = 8 * 1024 * 1024
 #: Folder under the spool root holding partial files until their rename.
 INCOMING = ".incoming"
 
@@ -46,20 +51,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Write ``data`` to ``path`` so that ``path`` holds either nothing, the old file or all of ``data``.
-
-    The temporary file lives in ``tmp_dir`` (default: beside ``path``; it must
-    be on the same file system). On any error it is removed and the error
-    propagates (typically :class:`OSError` for a full or read-only disk).
-    """
+def _write_atomic(path: Path, fill: Callable[[BinaryIO], None], tmp_dir: Path | None) -> None:
     tmp_dir = Path(tmp_dir or path.parent)
     for folder in (path.parent, tmp_dir):
         folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="incoming-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -69,15 +68,35 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     _fsync_dir(path.parent)
 
 
-def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, encoded: bytes) -> Path:
-    """Store one encoded DICOM file (preamble, File Meta Information, data set) in the spool.
+def write_atomic(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either nothing, the old file or all of ``data``.
+
+    The temporary file lives in ``tmp_dir`` (default: beside ``path``; it must
+    be on the same file system). On any error it is removed and the error
+    propagates (typically :class:`OSError` for a full or read-only disk).
+    """
+    _write_atomic(path, lambda fh: fh.write(data), tmp_dir)
+
+
+def copy_atomic(path: Path, source: Path, tmp_dir: Path | None = None) -> None:
+    """Like :func:`write_atomic` with the content of the file ``source``, streamed (memory stays bounded)."""
+
+    def fill(fh: BinaryIO) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, fh, COPY_CHUNK)
+
+    _write_atomic(path, fill, tmp_dir)
+
+
+def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> Path:
+    """Store one received DICOM file (preamble, File Meta Information, data set) in the spool.
 
     Partial files live in ``<spool>/.incoming`` until renamed, so a series
     folder only ever holds complete instances.
     """
     folder = series_dir(spool_dir, study_uid, series_uid)
     path = folder / f"{checked_uid(sop_uid, 'SOPInstanceUID')}.dcm"
-    write_atomic(path, encoded, Path(spool_dir) / INCOMING)
+    copy_atomic(path, source, Path(spool_dir) / INCOMING)
     return path
 
 

@@ -47,26 +47,35 @@ def result_dataset(sop_uid: str | None = None) -> Dataset:
 
 # --- spool -------------------------------------------------------------------
 
-def test_spool_paths_are_built_from_valid_uids_only(tmp_path):
-    path = spool_instance(tmp_path, "1.2.3", "1.2.3.4", "1.2.3.4.5", b"data")
-    assert path == tmp_path / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm" and path.read_bytes() == b"data"
+@pytest.fixture
+def received(tmp_path_factory):
+    """A file as pynetdicom leaves it for the C-STORE handler, outside the spool."""
+    path = tmp_path_factory.mktemp("received") / "tmp123.dcm"
+    path.write_bytes(b"received data set")
+    return path
+
+
+def test_spool_paths_are_built_from_valid_uids_only(tmp_path, received):
+    path = spool_instance(tmp_path, "1.2.3", "1.2.3.4", "1.2.3.4.5", received)
+    assert path == tmp_path / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm" and path.read_bytes() == b"received data set"
     for study, series, sop in [("1.2.3", "../../etc", "1.2"), ("1.2.3", "1.2", "/etc/passwd"),
                                ("1." + "1" * 64, "1.2", "1.3"), ("", "1.2", "1.3"), ("1.2", "1.02", "1.3")]:
         with pytest.raises(SpoolPathError):
-            spool_instance(tmp_path, study, series, sop, b"x")
+            spool_instance(tmp_path, study, series, sop, received)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.dcm")) == ["1.2.3/1.2.3.4/1.2.3.4.5.dcm"]
 
 
-def test_failed_write_leaves_old_file_and_no_partial(tmp_path, monkeypatch):
-    path = spool_instance(tmp_path, "1.2", "1.3", "1.4", b"complete old instance")
+def test_failed_write_leaves_old_file_and_no_partial(tmp_path, received, monkeypatch):
+    path = spool_instance(tmp_path, "1.2", "1.3", "1.4", received)
+    received.write_bytes(b"a newer version")
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        spool_instance(tmp_path, "1.2", "1.3", "1.4", b"new")
-    assert path.read_bytes() == b"complete old instance"
+        spool_instance(tmp_path, "1.2", "1.3", "1.4", received)
+    assert path.read_bytes() == b"received data set"
     assert list((tmp_path / INCOMING).iterdir()) == []
     with pytest.raises(OSError):
         write_atomic(tmp_path / "other.dcm", b"x")
@@ -88,9 +97,9 @@ def test_series_is_stable_only_after_the_quiet_period(tmp_path):
     assert tracker.pop_stable() == [] and tracker.pending() == 0
 
 
-def test_rescan_tracks_spooled_series_and_skips_foreign_folders(tmp_path):
-    spool_instance(tmp_path, "1.2", "1.3", "1.4", b"x")
-    spool_instance(tmp_path, "1.2", "1.5", "1.6", b"x")
+def test_rescan_tracks_spooled_series_and_skips_foreign_folders(tmp_path, received):
+    spool_instance(tmp_path, "1.2", "1.3", "1.4", received)
+    spool_instance(tmp_path, "1.2", "1.5", "1.6", received)
     (tmp_path / "not-a-uid" / "1.7").mkdir(parents=True)
     (tmp_path / INCOMING).mkdir(exist_ok=True)
     clock = Clock()
@@ -106,14 +115,14 @@ def test_content_key_depends_on_the_set_of_instances_only():
     assert content_key("1.2", ["1.3"]).startswith("1.2:")
 
 
-def test_one_job_per_series_content_even_when_sent_again(tmp_path):
+def test_one_job_per_series_content_even_when_sent_again(tmp_path, received):
     spool, clock, queued = tmp_path / "spool", Clock(), []
     tracker = SeriesTracker(stable_seconds=5, clock=clock)
     store = FileJobStore(tmp_path / "state")
 
     def receive(*sop_uids: str) -> None:
         for sop in sop_uids:
-            tracker.note("1.2", "1.3", spool_instance(spool, "1.2", "1.3", sop, b"x").parent)
+            tracker.note("1.2", "1.3", spool_instance(spool, "1.2", "1.3", sop, received).parent)
         clock.now += 5
 
     receive("1.3.1", "1.3.2")
@@ -127,11 +136,11 @@ def test_one_job_per_series_content_even_when_sent_again(tmp_path):
     assert store.get_status("1.3").reason == "3 instances"
 
 
-def test_series_goes_back_to_the_tracker_when_the_queue_is_down(tmp_path):
+def test_series_goes_back_to_the_tracker_when_the_queue_is_down(tmp_path, received):
     clock = Clock()
     tracker = SeriesTracker(stable_seconds=1, clock=clock)
     store = FileJobStore(tmp_path / "state")
-    folder = spool_instance(tmp_path / "spool", "1.2", "1.3", "1.4", b"x").parent
+    folder = spool_instance(tmp_path / "spool", "1.2", "1.3", "1.4", received).parent
     tracker.note("1.2", "1.3", folder)
     clock.now += 1
 
