@@ -1,0 +1,462 @@
+"""Whole-slide throughput: our streaming pipeline against the bare model and a naive loop.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.throughput [--small-only] [--cache DIR] [--device cpu|cuda|auto]
+
+It renders (once; later runs reuse ``--cache``) a small and a large synthetic
+HER2 slide as DICOM, then prints, from this one run on this machine, a table of
+
+* bare-model throughput: ONNX Runtime on pre-decoded, pre-normalised tiles
+  already converted to the model's float input (the limit for our glue);
+* end-to-end :func:`worker.pipeline.score_slide` on each slide: tissue tiles
+  graded per second of the whole job's wall time, and the ratio to the bare model;
+* a naive loop on the large slide: every tissue region read through wsidicom's
+  whole-region ``read_region``, normalised, and graded by the torch definition
+  of the model one tile at a time (ONNX Runtime one tile at a time if torch or
+  the torch definition is not available; the row says which);
+* JPEG read + decode alone and Macenko normalisation alone (one thread each);
+* peak RSS of scoring each slide in a fresh process, and their ratio.
+
+Ratios are against the bare model of the same run. The benchmark asserts
+nothing about speed; ``tests/test_benchmark_smoke.py`` runs it on tiny slides
+so it keeps working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.slides import DEFAULT_CACHE, SLIDES, ensure_slide
+
+#: Tiles (from the small slide) used for the bare-model, decode and normalisation rates.
+SAMPLE_TILES = 64
+#: Marker the child process prints before its JSON result line.
+CHILD_MARK = "BENCH-CHILD "
+
+
+@dataclass
+class Row:
+    label: str
+    tiles_per_s: float | None = None
+    seconds: float | None = None
+    ratio: float | None = None
+    cpu_ms: float | None = None
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_description() -> str:
+    """CPU model, logical cores and RAM (from /proc on Linux), plus the GPU if ONNX Runtime sees CUDA."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                ram = f", {int(line.split()[1]) / 1024**2:.0f} GiB RAM"
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores{ram}, Python {platform.python_version()}"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _settings(args: argparse.Namespace):
+    from worker.settings import load_settings
+
+    overrides = {"device": args.device}
+    for key in ("model_path", "batch_size", "decode_threads", "intra_op_threads"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    return load_settings(**overrides)
+
+
+def _model(settings):
+    from worker.pipeline import load_model
+
+    return load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
+                      settings.white_fraction_max)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Rate:
+    """A measured rate: tiles per second of wall time and CPU milliseconds (all threads) per tile."""
+
+    tiles: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.tiles / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000.0 * self.cpu_seconds / max(1, self.tiles)
+
+
+def _timed(fn) -> tuple[object, float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _repeat(fn, tiles: np.ndarray, batch_size: int, min_seconds: float) -> Rate:
+    """``fn`` on batches of ``tiles``, repeated for at least ``min_seconds`` after one warm-up batch."""
+    fn(tiles[:batch_size])
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while True:
+        for i in range(0, len(tiles), batch_size):
+            fn(tiles[i : i + batch_size])
+            done += len(tiles[i : i + batch_size])
+        if time.perf_counter() - t0 >= min_seconds:
+            return Rate(done, time.perf_counter() - t0, time.process_time() - c0)
+
+
+@dataclass
+class Sample:
+    """Kept tissue tiles of one slide: decoded, and normalised; the slide's normaliser; read+decode rate."""
+
+    raw: np.ndarray
+    normalised: np.ndarray
+    normaliser: object
+    decode: Rate
+
+
+def sample_tiles(series_dir: Path, model, n: int) -> Sample:
+    """Up to ``n`` kept tissue tiles of a slide, with the single-thread read + decode rate measured on them."""
+    from dicom_io.wsi import open_slide
+    from worker.preprocessing import white_fraction
+    from worker.tiles import prepare_slide, survey_slide
+
+    card = model.card
+    with open_slide(series_dir) as slide:
+        survey = survey_slide(slide, card.stain)
+        prepared = prepare_slide(slide, survey, card.tile_size, card.mpp)
+        positions = prepared.candidates[: max(n, 1) * 2]
+        decoded, seconds, cpu = _timed(lambda: [prepared.read(r, c) for r, c in positions])
+    raw = np.stack(decoded)
+    raw = raw[white_fraction(raw) <= card.white_fraction_max][:n]
+    return Sample(raw, survey.normaliser(raw), survey.normaliser, Rate(len(decoded), seconds, cpu))
+
+
+def reference_session(model_path: Path, device: str):
+    """An ONNX Runtime session with the library's default options (threads, spinning), for the bare model."""
+    import onnxruntime as ort
+
+    from worker.inference import select_providers
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_path), options, providers=select_providers(device))
+
+
+def bare_model_rate(session, card, normalised: np.ndarray, batch_size: int, min_seconds: float) -> Rate:
+    """ONNX Runtime alone on tiles already decoded, normalised and converted to its float NCHW input."""
+    inputs = [np.ascontiguousarray(normalised[i : i + batch_size].transpose(0, 3, 1, 2), dtype=np.float32)
+              / np.float32(card.input_scale) for i in range(0, len(normalised), batch_size)]
+    outputs = [card.probabilities_output] + ([card.tumour_fraction_output] if card.tumour_fraction_output else [])
+    session.run(outputs, {card.input_name: inputs[0]})  # warm-up: the first run allocates
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while True:
+        for x in inputs:
+            session.run(outputs, {card.input_name: x})
+            done += len(x)
+        if time.perf_counter() - t0 >= min_seconds:
+            return Rate(done, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def end_to_end(series_dir: Path, settings) -> Rate:
+    """``score_slide`` on a slide: tissue tiles graded over the wall time of the whole job."""
+    from worker.pipeline import score_slide
+
+    result, seconds, cpu = _timed(lambda: score_slide(series_dir, settings))
+    return Rate(int(result.stats["tiles_scored"]), seconds, cpu)
+
+
+def _torch_tile_model(model_path: Path, card):
+    """The torch definition of the model (``model_training.models.TileClassifier``), or (None, why).
+
+    Weights come from ``<model>.pt`` (a ``state_dict``) when it exists; otherwise the
+    architecture is randomly initialised, which costs the same time per tile.
+    """
+    try:
+        import torch
+        from model_training.models import TileClassifier
+    except Exception as exc:  # torch not installed, or no torch definition yet
+        return None, f"torch model unavailable ({type(exc).__name__}: {exc})"
+    training = card.raw.get("training", {}) if isinstance(card.raw.get("training"), dict) else {}
+    arch = str(training.get("arch") or training.get("architecture") or "tiny")
+    try:
+        net = TileClassifier(arch, n_classes=len(card.classes),
+                             input_size=training.get("input_size") or None)
+        weights = Path(model_path).with_suffix(".pt")
+        how = "random init (same cost)"
+        if weights.is_file():
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            how = f"weights {weights.name}"
+    except Exception as exc:
+        return None, f"torch {arch} model could not be built ({type(exc).__name__}: {exc})"
+    return net.eval(), f"torch {torch.__version__}, {arch} ({how}), {torch.get_num_threads()} threads"
+
+
+def naive_loop(series_dir: Path, settings, model, max_tiles: int) -> tuple[Rate, str]:
+    """The research-code loop: whole-region read, normalise, one tile at a time through the model.
+
+    Returns the rate and which model ran. Tissue finding and the stain fit are
+    the same as ours (counted in the wall time); there is no quality control.
+    """
+    from dicom_io.wsi import open_slide
+    from worker.preprocessing import white_fraction
+    from worker.tiles import prepare_slide, survey_slide
+
+    card = model.card
+    net, engine = _torch_tile_model(Path(settings.model_path), card)
+    if net is None:
+        why = engine
+        outputs = [card.probabilities_output] + ([card.tumour_fraction_output] if card.tumour_fraction_output else [])
+
+        def grade(tile: np.ndarray):
+            x = tile.transpose(2, 0, 1)[None].astype(np.float32) / card.input_scale
+            return model.session.run(outputs, {card.input_name: x})
+
+        engine = f"ONNX Runtime ({why})"
+    else:
+        import torch
+
+        def grade(tile: np.ndarray):
+            x = torch.from_numpy(tile.transpose(2, 0, 1)[None].astype(np.float32) / card.input_scale)
+            with torch.inference_mode():
+                return net(x)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    graded = 0
+    with open_slide(series_dir) as slide:
+        survey = survey_slide(slide, card.stain)
+        prepared = prepare_slide(slide, survey, card.tile_size, card.mpp)
+        wsi, level, size = slide._wsi, prepared.level, card.tile_size  # the whole-region API, as research code uses
+        for r, c in prepared.candidates[: max_tiles or None]:
+            x, y = c * size, r * size
+            w, h = min(size, level.width - x), min(size, level.height - y)
+            tile = np.full((size, size, 3), 255, np.uint8)
+            tile[:h, :w] = np.asarray(wsi.read_region((x, y), level.index, (w, h)).convert("RGB"))
+            if white_fraction(tile) > card.white_fraction_max:
+                continue
+            grade(prepared.normaliser(tile[None])[0])
+            graded += 1
+    return Rate(graded, time.perf_counter() - t0, time.process_time() - c0), engine
+
+
+#: A minimal launcher: a fresh small interpreter runs the scoring child and reports its peak RSS.
+_LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+             "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(rc)")
+
+
+def peak_rss_mib(series_dir: Path, args: argparse.Namespace) -> tuple[float, int]:
+    """Peak RSS (MiB) of scoring ``series_dir`` in a fresh process, and the tiles it graded.
+
+    The scoring process is started by a small launcher that reports
+    ``getrusage(RUSAGE_CHILDREN).ru_maxrss``: on Linux a child's ``ru_maxrss``
+    starts from the RSS of the process it was forked from, so starting it
+    directly from this (large) benchmark process would report our own peak;
+    one launcher per slide also keeps the two slides from contaminating each other.
+    """
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--score-child", str(series_dir), "--device", args.device]
+    for key in ("model_path", "batch_size", "decode_threads", "intra_op_threads"):
+        value = getattr(args, key)
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"scoring child failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    lines = proc.stdout.splitlines()
+    child = json.loads(next(ln for ln in lines if ln.startswith(CHILD_MARK))[len(CHILD_MARK):])
+    kib = int(next(ln for ln in lines if ln.startswith("MAXRSS_KIB")).split()[1])  # Linux: KiB
+    return kib / 1024.0, int(child["tiles_scored"])
+
+
+def _score_child(series_dir: Path, args: argparse.Namespace) -> None:
+    rate = end_to_end(series_dir, _settings(args))
+    print(CHILD_MARK + json.dumps({"tiles_scored": rate.tiles, "seconds": rate.seconds}), flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _ratio(v: float | None) -> str:
+    """Two decimals, or three significant digits for small ratios (never a misleading 0.00)."""
+    return "-" if v is None else (f"{v:.2f}" if v >= 0.1 else f"{v:.2g}")
+
+
+def print_table(rows: list[Row]) -> None:
+    print("| measurement | tiles/s | wall s | x bare model | CPU ms/tile | note |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r.label} | {_fmt(r.tiles_per_s)} | {_fmt(r.seconds, 2)} | {_ratio(r.ratio)} | "
+              f"{_fmt(r.cpu_ms, 2)} | {r.note} |")
+
+
+def _stage(label: str, rate: Rate, bare: float, note: str = "") -> Row:
+    return Row(label, rate.per_s, None, rate.per_s / bare, rate.cpu_ms, note)
+
+
+def run(args: argparse.Namespace) -> None:
+    from worker.preprocessing import white_fraction
+
+    settings = _settings(args)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    names = [args.small] if args.small_only else [args.small, args.large]
+    dirs = {name: ensure_slide(name, args.cache, log) for name in names}
+    model = _model(settings)
+    card = model.card
+    reference = reference_session(Path(settings.model_path), settings.device)
+    print(f"machine: {machine_description()}")
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"model: {card.name} {card.version} ({card.tile_size} px at {card.mpp} um/px) on {model.provider}; "
+          f"batch {settings.batch_size}, decode threads {settings.decode_threads}, "
+          f"ORT intra-op threads {settings.intra_op_threads or 'default'}")
+
+    log("sampling tiles ...")
+    sample = sample_tiles(dirs[args.small], model, args.sample_tiles)
+    if len(sample.raw) == 0:
+        raise SystemExit(f"slide {args.small!r} has no tissue tiles to sample")
+
+    def bare_now() -> tuple[Rate, str]:
+        """The faster of ORT's default session and the worker's own session: the reference we must approach."""
+        candidates = [(bare_model_rate(reference, card, sample.normalised, settings.batch_size, args.min_seconds),
+                       "ORT default session options"),
+                      (bare_model_rate(model.session, card, sample.normalised, settings.batch_size, args.min_seconds),
+                       "worker's session options")]
+        return max(candidates, key=lambda c: c[0].per_s)
+
+    log("bare model ...")
+    bare_before = bare_now()
+    e2e: dict[str, Rate] = {}
+    for name in names:
+        log(f"end-to-end score_slide on {name} ...")
+        e2e[name] = end_to_end(dirs[name], settings)
+    log("bare model again ...")
+    bare_after = bare_now()
+    bare_rate, bare_how = max(bare_before, bare_after, key=lambda c: c[0].per_s)
+    bare = bare_rate.per_s
+    rows = [Row(f"bare model: ONNX Runtime on pre-decoded, pre-normalised tiles (batch {settings.batch_size})",
+                bare, None, 1.0, bare_rate.cpu_ms,
+                f"best of 4 runs (before: {bare_before[0].per_s:.0f}, after: {bare_after[0].per_s:.0f} tiles/s), "
+                f"{bare_how}")]
+    for name in names:
+        r = e2e[name]
+        rows.append(Row(f"end-to-end score_slide, {name} slide ({r.tiles} tissue tiles)", r.per_s, r.seconds,
+                        r.per_s / bare, r.cpu_ms, "whole job: open, survey, QC, tiles, inference, SR + SEG"))
+
+    main = names[-1]
+    log(f"naive loop on {main} ...")
+    naive, engine = naive_loop(dirs[main], settings, model, args.naive_max_tiles)
+    rows.append(Row(f"naive loop, {main} slide ({naive.tiles} tiles: read_region + normalise + 1 tile at a time)",
+                    naive.per_s, naive.seconds, naive.per_s / bare, naive.cpu_ms, engine))
+
+    log("stages alone ...")
+    rows.append(_stage("JPEG read + decode alone (1 thread)", sample.decode, bare))
+    rows.append(_stage("white filter alone (1 thread)",
+                       _repeat(white_fraction, sample.raw, settings.batch_size, args.min_seconds), bare))
+    rows.append(_stage("Macenko normalisation alone (1 thread)",
+                       _repeat(sample.normaliser, sample.raw, settings.batch_size, args.min_seconds), bare))
+    try:
+        from worker.quality import sharpness
+    except ImportError:
+        sharpness = None
+    if sharpness is not None:
+        rows.append(_stage("QC tile sharpness alone (1 thread)",
+                           _repeat(sharpness, sample.normalised, settings.batch_size, args.min_seconds), bare,
+                           "worker.quality.sharpness, run by grade_tiles on every batch"))
+    print()
+    print_table(rows)
+
+    cores = os.cpu_count() or 1
+    ceiling = 1.0 / (1.0 / bare + 1.0 / (sample.decode.per_s * cores))
+    r = e2e[main]
+    print()
+    print(f"end-to-end / bare model ({main} slide): {_ratio(r.per_s / bare)}")
+    print(f"end-to-end / naive loop ({main} slide): {_ratio(r.per_s / naive.per_s)}")
+    print(f"ceiling with JPEG decode alone added to the model on {cores} cores: {ceiling:.1f} tiles/s "
+          f"= {_ratio(ceiling / bare)} x bare model")
+
+    log("peak RSS in fresh processes ...")
+    rss = {name: peak_rss_mib(dirs[name], args) for name in names}
+    for name in names:
+        print(f"peak RSS {name} slide ({rss[name][1]} tissue tiles): {rss[name][0]:.1f} MiB")
+    if not args.small_only:
+        tissue_ratio = rss[args.large][1] / max(1, rss[args.small][1])
+        print(f"tissue ratio large/small: {tissue_ratio:.2f}")
+        print(f"peak RSS ratio large/small: {_ratio(rss[args.large][0] / rss[args.small][0])}")
+        if tissue_ratio < 4:
+            log(f"warning: the large slide has only {tissue_ratio:.1f}x the tissue tiles of the small one")
+    print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Slides: " + ", ".join(
+                                    f"{k} ({v.width_um / 1000:g} x {v.height_um / 1000:g} mm)"
+                                    for k, v in SLIDES.items()))
+    p.add_argument("--small-only", action="store_true", help="only the small slide (no large slide, no RSS ratio)")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                   help=f"folder holding the rendered slides, reused across runs (default {DEFAULT_CACHE})")
+    p.add_argument("--small", default="small", choices=sorted(SLIDES), help="the small slide (default small)")
+    p.add_argument("--large", default="large", choices=sorted(SLIDES), help="the large slide (default large)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="ONNX Runtime provider (default cpu; cuda on a GPU machine)")
+    p.add_argument("--model-path", type=Path, default=None, help="ONNX model (default: the configured model)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: settings)")
+    p.add_argument("--decode-threads", type=int, default=None, help="decode threads (default: settings)")
+    p.add_argument("--intra-op-threads", type=int, default=None, help="ORT intra-op threads (default: settings)")
+    p.add_argument("--sample-tiles", type=int, default=SAMPLE_TILES,
+                   help=f"tiles used for the bare-model, decode and normalisation rates (default {SAMPLE_TILES})")
+    p.add_argument("--min-seconds", type=float, default=3.0,
+                   help="minimum seconds each rate (bare model, normalisation) is measured for (default 3)")
+    p.add_argument("--naive-max-tiles", type=int, default=0,
+                   help="grade at most this many tiles in the naive loop (default 0 = all tissue tiles)")
+    p.add_argument("--score-child", type=Path, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.score_child is not None:
+        _score_child(args.score_child, args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
