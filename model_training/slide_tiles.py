@@ -10,7 +10,7 @@ normalisation, same JPEG artefacts. Only the labels come from the generator.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +40,30 @@ def load_spec(series_dir: Path) -> SlideSpec:
     return SlideSpec.from_dict(spec)
 
 
+class Unnormalised:
+    """Stand-in for the slide's stain normaliser that returns tiles unchanged (normalisation ablation only)."""
+
+    notes: list[str] = []
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return tiles
+
+
 def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1.0,
                           reference: StainReference = REFERENCE, white_fraction_max: float = 0.6,
-                          batch_size: int = 16, threads: int = 2) -> SlideTiles:
-    """All kept tissue tiles of a synthetic DICOM slide at ``mpp`` um/px, with ground truth."""
+                          batch_size: int = 16, threads: int = 2, normalise: bool = True) -> SlideTiles:
+    """All kept tissue tiles of a synthetic DICOM slide at ``mpp`` um/px, with ground truth.
+
+    ``normalise=False`` keeps the tiles' original stain colours (to measure what normalisation buys).
+    """
     spec = load_spec(series_dir)
     fractions, tumour = truth_grid(spec, tile_size * mpp)
     tiles, positions = [], []
     with open_slide(series_dir) as slide:
-        prepared = prepare_slide(slide, survey_slide(slide, reference), tile_size, mpp)
+        survey = survey_slide(slide, reference)
+        if not normalise:
+            survey = replace(survey, normaliser=Unnormalised())
+        prepared = prepare_slide(slide, survey, tile_size, mpp)
         for batch in tile_batches(prepared, batch_size, threads, white_fraction_max):
             tiles.append(batch.tiles)
             positions.extend(batch.positions)

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dicom_io.errors import SlideError
+from model_training import cli as training_cli
 from worker.aggregate import CLASSES
 from worker import service_cli
 from worker.model_card import ModelCardError
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_config)
     service_cli.register(sub)
+    training_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,159 @@
+"""``her2`` training subcommands: train, evaluate, export, train-default, explain, benchmark.
+
+Registered into the main parser by :func:`register`. Torch is imported only
+when one of these commands runs, so ``her2 --help`` and the worker need no
+``[train]`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from model_training import ARCHITECTURES
+
+DATA_SOURCES = ("synthetic", "folder", "bci", "her2-ihc-40x")
+MAGNIFICATIONS = {10: 1.0, 40: 0.25}
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=DATA_SOURCES, default="synthetic",
+                   help="synthetic cohort (default), or tiles a user brings: folder-per-class, BCI, HER2-IHC-40x "
+                   "(layouts: docs/training.md)")
+    g.add_argument("--data-dir", type=Path, help="root of a folder / bci / her2-ihc-40x dataset")
+    g.add_argument("--test-dir", type=Path, help="independent test centre in the same layout as --data-dir")
+    g.add_argument("--magnification", type=int, choices=sorted(MAGNIFICATIONS), default=10,
+                   help="training magnification: 10x (1.0 um/px) or 40x (0.25 um/px); user images are resampled")
+    g.add_argument("--data-mpp", type=float,
+                   help="pixel spacing (um) of user images (default: folder 1.0, bci 0.5, her2-ihc-40x 0.25)")
+    g.add_argument("--test-magnification", type=int, choices=sorted(MAGNIFICATIONS),
+                   help="evaluate at another magnification (cross-magnification); synthetic data only")
+    g.add_argument("--patients", type=int, default=40, help="synthetic centre-A patients (train + val)")
+    g.add_argument("--test-patients", type=int, default=24, help="synthetic centre-B (test centre) patients")
+    g.add_argument("--slide-um", type=float, default=2048.0, help="synthetic slide side length (um)")
+    g.add_argument("--tile-size", type=int, default=512, help="tile size in pixels (the worker uses 512)")
+    g.add_argument("--no-stain-normalisation", action="store_true",
+                   help="skip Macenko normalisation (ablation: shows what normalisation buys on centre B)")
+    g.add_argument("--cache", type=Path, default=Path("out") / "training-cache", help="tile cache folder")
+    g.add_argument("--workers", type=int, default=2, help="processes rendering synthetic slides")
+    g.add_argument("--seed", type=int, default=0, help="seed of cohort, split and training")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training")
+    g.add_argument("--arch", choices=ARCHITECTURES, default="tiny", help="architecture (default tiny)")
+    g.add_argument("--classes", type=int, choices=[3, 4], default=4,
+                   help="4: 0/1+/2+/3+ (ASCO/CAP, deployable); 3: 1+/2+/3+ as in the dual-centre study")
+    g.add_argument("--input-size", type=int, help="network input size (default: native; inception_v3 299)")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--unfreeze", choices=["full", "head", "hybrid"], default="full",
+                   help="full fine-tuning, head only, or hybrid: head first, then the last blocks progressively")
+    g.add_argument("--hybrid-blocks", type=int, default=2, help="blocks the hybrid schedule unfreezes (one per stage)")
+    g.add_argument("--imagenet-weights", type=Path,
+                   help="local torchvision ImageNet state_dict file for --arch (nothing is ever downloaded)")
+    g.add_argument("--no-augment", action="store_true", help="no flips/rotations/colour/HED/blur augmentation")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for 95 %% intervals (0: none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model_training.recipes import load_datasets, run_training, train_config
+
+    data = load_datasets(args)
+    _, metrics = run_training(data, train_config(args), args.out, args.bootstrap, not args.quiet)
+    _print_metrics(metrics)
+    print(f"checkpoint, metrics.json and plots in {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model_training.evaluate import evaluate
+    from model_training.recipes import load_datasets
+    from model_training.train import load_checkpoint
+
+    model, ckpt = load_checkpoint(args.checkpoint)
+    args.tile_size = ckpt["tile_size"]
+    data = load_datasets(args)
+    metrics = {name: evaluate(model, data[name], args.out / name, title=name, n_boot=args.bootstrap,
+                              progress=not args.quiet) for name in args.splits}
+    _print_metrics(metrics)
+    print(f"metrics.json and plots in {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model_training.recipes import export_checkpoint
+
+    card = export_checkpoint(args.checkpoint, args.out, args.name, args.version)
+    print(f"wrote {args.out} and its card ({card['name']} {card['version']})")
+    return 0
+
+
+def cmd_train_default(args: argparse.Namespace) -> int:
+    from model_training.recipes import train_default
+
+    model_path = args.out / "her2_default.onnx"
+    card = train_default(model_path, args.report_dir, args.cache, args.workers, args.bootstrap, not args.quiet)
+    test = card["metrics"]["test"]["slide"]
+    print(f"wrote {model_path} (+ .json card); centre B slide-level macro-AUC {test['macro_auc']:.3f}, "
+          f"QWK {test['qwk']:.3f}; reports in {args.report_dir}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    for split, m in metrics.items():
+        for level in ("tile", "slide", "patient"):
+            x = m[level]
+            print(f"{split:>6} {level:>7}: n={x['n']:4d}  macro-AUC {x['macro_auc']:.3f}  accuracy {x['accuracy']:.3f}  "
+                  f"macro-F1 {x['macro_f1']:.3f}  QWK {x['qwk']:.3f}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the training subcommands to the ``her2`` parser's subparsers."""
+    p = sub.add_parser("train", help="train a tile classifier (needs the [train] extra)",
+                       description="Train on a dataset split by patient (stratified); evaluate on the validation "
+                       "split and the independent test centre; write model.pt, summary.json and per-split "
+                       "metrics.json + ROC/confusion PNGs.")
+    _data_options(p)
+    _train_options(p)
+    _common(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint: tile/slide/patient metrics with bootstrap CIs",
+                       description="Macro and per-class AUC, accuracy, macro F1, QWK and confusion matrix with "
+                       "bootstrap 95 %% intervals at tile, slide and patient level, as JSON and PNG plots.")
+    p.add_argument("checkpoint", type=Path, help="model.pt written by `her2 train`")
+    _data_options(p)
+    _common(p)
+    p.add_argument("--splits", nargs="+", choices=["train", "val", "test"], default=["test"],
+                   help="splits to evaluate (default: the test centre)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX + model card for the worker",
+                       description="ONNX (dynamic batch, input `tiles` = RGB/255, outputs `probabilities` and "
+                       "`tumour_fraction`), checked against torch with ONNX Runtime; card beside it.")
+    p.add_argument("checkpoint", type=Path, help="model.pt written by `her2 train`")
+    p.add_argument("--out", type=Path, required=True, help="ONNX file to write (card: same name, .json)")
+    p.add_argument("--name", default="her2-tile-classifier", help="model name in the card")
+    p.add_argument("--version", default="0.1.0", help="model version in the card")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train-default", help="reproduce the bundled default model (seeded, a few minutes on CPU)",
+                       description="Render the seeded synthetic cohort, train the tiny CNN at 10x, evaluate it on "
+                       "the held-out centre B, and write her2_default.onnx + her2_default.json into --out.")
+    p.add_argument("--out", type=Path, default=Path("worker") / "models", help="model folder (default worker/models)")
+    p.add_argument("--report-dir", type=Path, default=Path("out") / "default-model",
+                   help="checkpoint, metrics and plots (default out/default-model)")
+    p.add_argument("--cache", type=Path, default=Path("out") / "training-cache", help="tile cache folder")
+    p.add_argument("--workers", type=int, default=2, help="processes rendering synthetic slides")
+    _common(p)
+    p.set_defaults(func=cmd_train_default)
+

@@ -1,0 +1,91 @@
+"""ONNX export with a dynamic batch axis, a parity check against torch, and the model card.
+
+The graph takes ``tiles`` = RGB/255 of Macenko-normalised tiles (float32
+NCHW, the worker divides uint8 by the card's ``input.scale`` = 255) and
+returns ``probabilities`` (N, 4, softmax over 0/1+/2+/3+) and
+``tumour_fraction`` (N, 1, sigmoid). Resizing to the architecture's input
+size and the ImageNet mean/std are inside the graph. The card is written in
+exactly the schema :func:`worker.model_card.load_model_card` validates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_training.models import TileClassifier
+from worker.aggregate import CLASSES
+from worker.model_card import MAGNIFICATION_MPP, card_path
+from worker.preprocessing import REFERENCE
+
+INPUT_NAME = "tiles"
+OUTPUTS = ("probabilities", "tumour_fraction")
+INTENDED_USE = "Research use only. Not for clinical use."
+OPSET = 18
+
+
+class _Deployed(nn.Module):
+    """Raw outputs -> (softmax probabilities, sigmoid tumour fraction (N, 1))."""
+
+    def __init__(self, model: TileClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(tiles)
+        return torch.softmax(out.logits, dim=1), torch.sigmoid(out.tumour_logit).unsqueeze(1)
+
+
+def export_onnx(model: TileClassifier, path: Path, tile_size: int) -> None:
+    """Write ``model`` as ONNX (4-class heads only: the worker grades 0/1+/2+/3+)."""
+    if model.classes != CLASSES:
+        raise ValueError(f"only 4-class models ({list(CLASSES)}) can be deployed; this one has {list(model.classes)}")
+    model.eval()
+    dummy = torch.rand(2, 3, tile_size, tile_size)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(_Deployed(model), (dummy,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUTS),
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}},
+                      opset_version=OPSET, dynamo=False)
+
+
+def onnx_parity(model: TileClassifier, path: Path, tiles: np.ndarray) -> float:
+    """Largest absolute difference between ONNX Runtime and torch outputs on uint8 NHWC ``tiles``."""
+    import onnxruntime as ort
+
+    x = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(list(OUTPUTS), {INPUT_NAME: x})
+    with torch.no_grad():
+        want = _Deployed(model.eval())(torch.from_numpy(x))
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+
+
+def model_card(name: str, version: str, tile_size: int, mpp: float, white_fraction_max: float,
+               training: dict, metrics: dict) -> dict:
+    """The card dict (schema of :mod:`worker.model_card`)."""
+    magnification = {v: k for k, v in MAGNIFICATION_MPP.items()}.get(mpp)
+    if magnification is None:
+        raise ValueError(f"{mpp} um/px is not one of the worker's magnifications {MAGNIFICATION_MPP}")
+    return {
+        "name": name,
+        "version": version,
+        "classes": list(CLASSES),
+        "input": {"tile_size": tile_size, "magnification": magnification, "mpp": mpp, "layout": "NCHW",
+                  "scale": 255.0, "name": INPUT_NAME},
+        "outputs": {"probabilities": OUTPUTS[0], "tumour_fraction": OUTPUTS[1]},
+        "preprocessing": {"white_fraction_max": white_fraction_max, "stain": REFERENCE.to_dict()},
+        "training": training,
+        "metrics": metrics,
+        "intended_use": INTENDED_USE,
+    }
+
+
+def write_card(card: dict, model_path: Path) -> Path:
+    """Write ``card`` beside ``model_path`` (``model.onnx`` -> ``model.json``)."""
+    path = card_path(model_path)
+    path.write_text(json.dumps(card, indent=1, default=float) + "\n")
+    return path
