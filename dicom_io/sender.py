@@ -49,7 +49,7 @@ class Destination:
     timeout: float
 
     @classmethod
-    def from_settings(cls, settings) -> "Destination":
+    def from_settings(cls, settings) -> Destination:
         return cls(settings.destination_host, settings.destination_port, settings.destination_aet,
                    settings.ae_title, settings.dicom_timeout_seconds)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_io.spool import INCOMING, checked_uid, SpoolPathError
+from dicom_io.spool import INCOMING, SpoolPathError, checked_uid
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from typing import BinaryIO
 
 from dicom_io.uids import is_valid_uid
 
-
 #: Bytes copied at a time when spooling a received file.
 COPY_CHUNK = 8 * 1024 * 1024
 #: Folder under the spool root holding partial files until their rename.

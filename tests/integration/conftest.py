@@ -7,12 +7,12 @@ test time; missing binaries fail the test.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis as redis_client
-
 from pacs_stack import Orthanc, Redis, Server, free_port, her2, port_open, service_env, wait_until
 
 
@@ -57,9 +57,17 @@ class Stack:
         wait_until(lambda: server.check_alive() or "ready." in server.log(), 90, "the Celery worker to be ready")
         return server
 
+    def job(self, series_uid: str) -> dict[str, str]:
+        """Job status (state, reason) from Redis, or from the embedded server's state_dir."""
+        found = redis_client.Redis(port=self.redis.port, db=2, decode_responses=True).hgetall(
+            f"her2:status:{series_uid}")
+        embedded = self.root / "state" / "status" / f"{series_uid}.json"
+        if not found and embedded.exists():
+            found = json.loads(embedded.read_text())
+        return found
+
     def job_state(self, series_uid: str) -> str | None:
-        return redis_client.Redis(port=self.redis.port, db=2, decode_responses=True).hget(
-            f"her2:status:{series_uid}", "state")
+        return self.job(series_uid).get("state")
 
     def logs(self) -> str:
         """Everything our processes (listener, worker) logged; Orthanc's own log is not ours."""

@@ -78,11 +78,11 @@ class Server:
         self.name, self.argv, self.log_path, self.env, self.cwd = name, argv, log_path, env, cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
+    def start(self) -> Server:
+        with open(self.log_path, "ab") as log:
+            # preexec_fn runs before exec in the child; the servers are started from the test's main thread.
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
+                                         start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
         return self
 
     def check_alive(self) -> None:
@@ -114,7 +114,7 @@ class Redis(Server):
     def url(self, db: int) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
-    def start(self) -> "Redis":
+    def start(self) -> Redis:
         super().start()
         wait_until(lambda: port_open(self.port), 20, "redis-server to accept connections")
         return self
@@ -147,7 +147,7 @@ class Orthanc(Server):
         config_path.write_text(json.dumps(config, indent=1))
         super().__init__("Orthanc", [binary("Orthanc"), str(config_path)], root / "orthanc.log")
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         super().start()
         wait_until(lambda: self._alive(), 30, "Orthanc REST API")
         wait_until(lambda: port_open(self.dicom_port), 10, "Orthanc DICOM port")

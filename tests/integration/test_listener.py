@@ -9,6 +9,7 @@ import time
 import pydicom
 import pytest
 import redis as redis_client
+from pacs_stack import LISTENER_AET, TEST_AET, binary, her2, tiny_ct, tiny_dataset, tiny_wsi, wait_until
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification, VLWholeSlideMicroscopyImageStorage
@@ -16,7 +17,6 @@ from pynetdicom.sop_class import CTImageStorage, Verification, VLWholeSlideMicro
 from dicom_io.sender import Outbox
 from model_training.synthetic import SlideSpec
 from model_training.synthetic_dicom import write_synthetic_slide
-from pacs_stack import LISTENER_AET, TEST_AET, binary, her2, tiny_ct, tiny_dataset, tiny_wsi, wait_until
 from worker.jobs import JobState, RedisJobStore
 
 pytestmark = pytest.mark.integration

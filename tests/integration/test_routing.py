@@ -16,11 +16,11 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis as redis_client
+from pacs_stack import LISTENER_AET, binary, her2, wait_until
 
 from dicom_io.results import read_sr_call
 from model_training.synthetic import SlideSpec
 from model_training.synthetic_dicom import write_synthetic_slide
-from pacs_stack import LISTENER_AET, binary, her2, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +47,19 @@ def results_in_study(orthanc, study_uid: str) -> dict[str, list[str]]:
     return found
 
 
-def wait_for_results(orthanc, study_uid: str) -> dict[str, list[str]]:
-    return wait_until(lambda: (lambda r: r if SR in r and SEG in r else None)(
-        results_in_study(orthanc, study_uid)), RESULT_TIMEOUT, f"SR and SEG in study {study_uid}", interval=2)
+def wait_for_results(stack, files: list[Path]) -> dict[str, list[str]]:
+    """Wait until the slide's study holds an SR and a SEG; fail at once if its job failed or was parked."""
+    source = source_header(files)
+    study_uid = source.StudyInstanceUID
+
+    def both() -> dict[str, list[str]] | None:
+        job = stack.job(source.SeriesInstanceUID)
+        if job.get("state") in ("failed", "parked"):
+            pytest.fail(f"job of series {source.SeriesInstanceUID} {job['state']}: {job['reason']}")
+        results = results_in_study(stack.orthanc, study_uid)
+        return results if SR in results and SEG in results else None
+
+    return wait_until(both, RESULT_TIMEOUT, f"SR and SEG in study {study_uid}", interval=2)
 
 
 def check_results(orthanc, results: dict[str, list[str]], files: list[Path], truth: dict) -> None:
@@ -75,7 +85,7 @@ def test_routed_slide_is_scored_and_results_land_in_its_study(scoring_stack, tmp
     files, truth = synth(tmp_path, seed=41, patient_id="ROUTE-3P", grade="3+")
     source = source_header(files)
     scoring_stack.orthanc.upload(files)
-    results = wait_for_results(scoring_stack.orthanc, source.StudyInstanceUID)
+    results = wait_for_results(scoring_stack, files)
     check_results(scoring_stack.orthanc, results, files, truth)
     wait_until(lambda: scoring_stack.job_state(source.SeriesInstanceUID) == "done", 30, "job state done")
     assert "ROUTE-3P" not in scoring_stack.logs() and "SYNTHETIC^SLIDE" not in scoring_stack.logs()
@@ -91,9 +101,10 @@ def test_two_patients_sent_concurrently_each_get_their_own_results(scoring_stack
         t.join(timeout=60)
     for patient, (files, truth) in slides.items():
         study = source_header(files).StudyInstanceUID
-        check_results(scoring_stack.orthanc, wait_for_results(scoring_stack.orthanc, study), files, truth)
-        patients_in_study = {i["PatientMainDicomTags"]["PatientID"] if "PatientMainDicomTags" in i else None
-                             for i in scoring_stack.orthanc.find("Study", {"StudyInstanceUID": study})}
+        check_results(scoring_stack.orthanc, wait_for_results(scoring_stack, files), files, truth)
+        # Every instance Orthanc holds in this study, sources and results, belongs to this patient only.
+        patients_in_study = {scoring_stack.orthanc.get(f"/instances/{i['ID']}/patient")["MainDicomTags"]["PatientID"]
+                             for i in scoring_stack.orthanc.find("Instance", {"StudyInstanceUID": study})}
         assert patients_in_study == {patient}
     assert {slides["CONC-A"][1]["call"], slides["CONC-B"][1]["call"]} == {"0", "3+"}
 
@@ -103,7 +114,7 @@ def test_same_series_stored_twice_yields_one_set_of_results(scoring_stack, tmp_p
     source = source_header(files)
     orthanc = scoring_stack.orthanc
     orthanc.upload(files)
-    check_results(orthanc, wait_for_results(orthanc, source.StudyInstanceUID), files, truth)
+    check_results(orthanc, wait_for_results(scoring_stack, files), files, truth)
 
     # Route the same series again, once from Orthanc and once from a third-party SCU.
     series_id = orthanc.find("Series", {"SeriesInstanceUID": source.SeriesInstanceUID})[0]["ID"]
@@ -125,9 +136,11 @@ def test_embedded_mode_scores_and_delivers_without_redis(stack, tmp_path):
     files, truth = synth(tmp_path, seed=45, patient_id="EMBED-1", grade="0")
     source = source_header(files)
     stack.orthanc.upload(files)
-    check_results(stack.orthanc, wait_for_results(stack.orthanc, source.StudyInstanceUID), files, truth)
-    status = wait_until(lambda: (lambda out: out if ": done" in out else None)(subprocess.run(
-        her2("status", "--embedded", source.SeriesInstanceUID), env=stack.env(), capture_output=True, text=True,
-        timeout=60).stdout), 30, "embedded job state done")
-    assert status.startswith(f"{source.SeriesInstanceUID}: done")
+    check_results(stack.orthanc, wait_for_results(stack, files), files, truth)
+    def status() -> str:
+        return subprocess.run(her2("status", "--embedded", source.SeriesInstanceUID), env=stack.env(),
+                              capture_output=True, text=True, timeout=60, check=False).stdout
+
+    assert wait_until(lambda: ": done" in status(), 30, "embedded job state done")
+    assert status().startswith(f"{source.SeriesInstanceUID}: done")
     assert "EMBED-1" not in stack.logs()
