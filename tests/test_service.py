@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -255,3 +256,24 @@ def test_outbox_refuses_a_series_uid_that_is_a_path(tmp_path):
     with pytest.raises(SpoolPathError):
         Outbox(tmp_path).put("../escape", [result_dataset()])
     assert list(Path(tmp_path).rglob("*.dcm")) == []
+
+
+# --- command line ---------------------------------------------------------------
+
+def test_status_and_flush_outbox_commands_in_embedded_mode(tmp_path, capsys):
+    from worker.cli import main
+
+    config = tmp_path / "her2.json"
+    config.write_text(json.dumps({"state_dir": str(tmp_path / "state"), "outbox_dir": str(tmp_path / "outbox"),
+                                  "destination_port": free_port(), "dicom_timeout_seconds": 2}))
+    Outbox(tmp_path / "outbox").put("1.2.9", [result_dataset(), result_dataset()])
+    FileJobStore(tmp_path / "state").set_status("1.2.9", JobState.DELIVERING, "2 result instance(s) in the outbox")
+
+    assert main(["flush-outbox", "--embedded", "--config", str(config)]) == 1
+    assert capsys.readouterr().out == "delivered 0 result instance(s); 2 still waiting\n"
+    assert main(["status", "--embedded", "--config", str(config), "1.2.9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("1.2.9: delivering (") and lines[0].endswith(") - 2 result instance(s) in the outbox")
+    assert lines[1] == f"  2 result instance(s) waiting in {tmp_path / 'outbox'}"
+    assert main(["status", "--embedded", "--config", str(config), "1.2.10"]) == 1
+    assert capsys.readouterr().out == "1.2.10: no job known\n"

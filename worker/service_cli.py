@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -21,10 +22,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         "listen_host": getattr(args, "host", None),
         "listen_port": getattr(args, "port", None),
     }.items() if value is not None}
-    if args.config:
-        # Processes that read settings on their own (Celery's app module) must see the same file.
-        os.environ["HER2_CONFIG"] = str(args.config)
     return load_settings(args.config, **overrides)
+
+
+def _share_config(args: argparse.Namespace) -> None:
+    """Celery's app module reads settings on its own (``get_settings``): point it at the same file."""
+    if args.config:
+        os.environ["HER2_CONFIG"] = str(args.config)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -44,6 +48,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from worker.jobs import RedisJobStore
     from worker.service import celery_enqueue, run_listener
 
+    _share_config(args)
     settings = _settings(args)
     _service_logging()
     run_listener(settings, RedisJobStore(settings.state_redis_url), celery_enqueue, _stop_on_signals())
@@ -51,7 +56,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    _settings(args)
+    _share_config(args)
+    _settings(args)  # fail early, with a clear message, on invalid settings
     from worker.celery_app import app
 
     app.worker_main(["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
@@ -69,12 +75,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unreachable(exc: Exception) -> int:
+    print(f"her2: error: job store unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+    return 2
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from dicom_io.sender import Outbox
     from worker.jobs import job_store
 
     settings = _settings(args)
-    status = job_store(settings, args.embedded).get_status(args.series_uid)
+    try:
+        status = job_store(settings, args.embedded).get_status(args.series_uid)
+    except RedisError as exc:
+        return _unreachable(exc)
     if status is None:
         print(f"{args.series_uid}: no job known")
         return 1
@@ -86,11 +102,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_flush_outbox(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
     from dicom_io.sender import Outbox
     from worker.jobs import deliver_outbox, job_store
 
     settings = _settings(args)
-    sent = deliver_outbox(settings, job_store(settings, args.embedded))
+    try:
+        sent = deliver_outbox(settings, job_store(settings, args.embedded))
+    except RedisError as exc:
+        return _unreachable(exc)
     waiting = sum(len(files) for files in Outbox(settings.outbox_dir).pending().values())
     print(f"delivered {sent} result instance(s); {waiting} still waiting")
     return 0 if waiting == 0 else 1
