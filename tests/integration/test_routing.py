@@ -121,7 +121,8 @@ def test_same_series_stored_twice_yields_one_set_of_results(scoring_stack, tmp_p
     orthanc.post("/modalities/her2/store", series_id)
     subprocess.run([binary("storescu"), "--required", "--propose-jpeg8", "-aet", "STORESCU", "-aec", LISTENER_AET,
                     "127.0.0.1", str(scoring_stack.listener_port), *map(str, files)], check=True, timeout=60)
-    wait_until(lambda: scoring_stack.logs().count(f"series {source.SeriesInstanceUID} (") >= 1, 30,
+    wait_until(lambda: any(source.SeriesInstanceUID in line and "already had its job" in line
+                           for line in scoring_stack.logs().splitlines()), 30,
                "the re-sent series to be recognised as already done")
     time.sleep(3)
     results = results_in_study(orthanc, source.StudyInstanceUID)
