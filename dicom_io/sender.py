@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from dicom_io.spool import checked_uid, write_atomic
 log = logging.getLogger(__name__)
 
 REJECTED = ".rejected"
+LOCK = ".lock"
 #: C-STORE statuses after which the instance is stored (PS3.4 B.2.3): Success and the Warnings.
 DELIVERED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
@@ -71,10 +72,19 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+#: ``on_series(source_series_uid, delivered_now, still_waiting, rejection_reason)``, called under the series lock.
+SeriesCallback = Callable[[str, int, int, "str | None"], None]
+
+
 @contextmanager
-def _locked(path: Path) -> Iterator[bool]:
-    """Exclusive, non-blocking lock on ``path``: yields False when another flusher holds it."""
-    with open(path, "rb") as fh:
+def _series_lock(folder: Path) -> Iterator[bool]:
+    """Exclusive, non-blocking lock of one series' outbox: yields False when another flusher holds it."""
+    try:
+        fh = open(folder / LOCK, "a+b")  # noqa: SIM115 - closed below, after unlocking
+    except FileNotFoundError:  # the folder was emptied and removed meanwhile
+        yield False
+        return
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -84,6 +94,13 @@ def _locked(path: Path) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _header(path: Path) -> Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except FileNotFoundError:  # delivered by another flusher meanwhile
+        return None
 
 
 class Outbox:
@@ -113,18 +130,24 @@ class Outbox:
                     waiting[folder.name] = files
         return waiting
 
-    def flush(self, destination: Destination, source_series_uid: str | None = None) -> FlushReport:
+    def flush(self, destination: Destination, source_series_uid: str | None = None,
+              on_series: SeriesCallback | None = None) -> FlushReport:
         """Send what is waiting over one association; keep whatever was not acknowledged.
 
-        An unreachable destination or an association that breaks off leaves the
-        remaining files in place (``report.unreachable`` says why); a Failure
-        status parks that one file under ``.rejected``.
+        Each series is sent under an exclusive lock, so concurrent flushers
+        (every worker runs one) never send the same file twice at once; a series
+        locked by another flusher is skipped. ``on_series`` is told the outcome
+        of each series sent, still under its lock, so job status is recorded in
+        the order the deliveries really happened. An unreachable destination or
+        an association that breaks off leaves the remaining files in place
+        (``report.unreachable`` says why); a Failure status parks that file
+        under ``.rejected``.
         """
         report = FlushReport()
         waiting = self.pending(source_series_uid)
-        if not waiting:
+        headers = {p: h for files in waiting.values() for p in files if (h := _header(p)) is not None}
+        if not headers:
             return report
-        headers = {p: pydicom.dcmread(p, stop_before_pixels=True) for files in waiting.values() for p in files}
         ae = AE(ae_title=destination.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = destination.timeout
         for sop_class in sorted({h.SOPClassUID for h in headers.values()}):
@@ -138,44 +161,63 @@ class Outbox:
             return report
         try:
             for series, files in waiting.items():
-                for path in files:
-                    outcome = self._send_one(assoc, path)
-                    if outcome == "delivered":
-                        report.delivered[series] = report.delivered.get(series, 0) + 1
-                    elif outcome != "kept":
-                        report.rejected[series] = outcome
-                    if not assoc.is_established:
-                        report.unreachable = "association with the destination ended during delivery"
-                        break
-                if report.unreachable:
+                self._flush_series(assoc, series, files, report, on_series)
+                if not assoc.is_established:
+                    report.unreachable = "association with the destination ended during delivery"
                     break
         finally:
             if assoc.is_established:
                 assoc.release()
-        for series, files in waiting.items():
-            left = sum(1 for p in files if p.exists())
+        return report
+
+    def _flush_series(self, assoc, series: str, files: list[Path], report: FlushReport,
+                      on_series: SeriesCallback | None) -> None:
+        folder = self.root / series
+        with _series_lock(folder) as mine:
+            present = [p for p in files if p.exists()]
+            if not mine or not present:
+                return
+            for path in present:
+                if not assoc.is_established:
+                    break
+                outcome = self._send_one(assoc, path)
+                if outcome == "delivered":
+                    report.delivered[series] = report.delivered.get(series, 0) + 1
+                elif outcome != "kept":
+                    report.rejected[series] = outcome
+            left = len(list(folder.glob("*.dcm")))
             if left:
                 report.waiting[series] = left
-        return report
+            if on_series is not None:
+                on_series(series, report.delivered.get(series, 0), left, report.rejected.get(series))
+            if not left:
+                self._remove_empty(folder)
+
+    @staticmethod
+    def _remove_empty(folder: Path) -> None:
+        try:
+            (folder / LOCK).unlink()
+            folder.rmdir()
+        except OSError:  # a new result arrived meanwhile: keep the folder
+            pass
 
     def _send_one(self, assoc, path: Path) -> str:
         """C-STORE one outbox file: "delivered", "kept" (try again later) or a rejection reason."""
-        with _locked(path) as mine:
-            if not mine or not path.exists():
-                return "kept"
-            ds = pydicom.dcmread(path)
-            try:
-                response = assoc.send_c_store(ds)
-            except ValueError as exc:  # no presentation context accepted for this SOP class/transfer syntax
-                return self._reject(path, f"destination accepts no presentation context: {exc}")
-            status = response.get("Status") if response else None
-            if status is None:
-                return "kept"
-            if status in DELIVERED_STATUSES:
-                path.unlink()
-                log.info("delivered result %s (status 0x%04X)", ds.SOPInstanceUID, status)
-                return "delivered"
-            return self._reject(path, f"destination answered C-STORE status 0x{status:04X}")
+        if not path.exists():
+            return "kept"
+        ds = pydicom.dcmread(path)
+        try:
+            response = assoc.send_c_store(ds)
+        except ValueError as exc:  # no presentation context accepted for this SOP class/transfer syntax
+            return self._reject(path, f"destination accepts no presentation context: {exc}")
+        status = response.get("Status") if response else None
+        if status is None:
+            return "kept"
+        if status in DELIVERED_STATUSES:
+            path.unlink()
+            log.info("delivered result %s (status 0x%04X)", ds.SOPInstanceUID, status)
+            return "delivered"
+        return self._reject(path, f"destination answered C-STORE status 0x{status:04X}")
 
     def _reject(self, path: Path, reason: str) -> str:
         target = self.root / REJECTED / path.parent.name / path.name

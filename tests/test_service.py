@@ -277,3 +277,32 @@ def test_status_and_flush_outbox_commands_in_embedded_mode(tmp_path, capsys):
     assert lines[1] == f"  2 result instance(s) waiting in {tmp_path / 'outbox'}"
     assert main(["status", "--embedded", "--config", str(config), "1.2.10"]) == 1
     assert capsys.readouterr().out == "1.2.10: no job known\n"
+
+
+def test_a_series_locked_by_another_flusher_is_left_to_it(tmp_path):
+    import fcntl
+
+    received = []
+
+    def handle_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    scp = AE("PACS")
+    scp.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    outbox, outcomes = Outbox(tmp_path), []
+    outbox.put("1.2.11", [result_dataset("1.2.11.1")])
+    destination = Destination("127.0.0.1", port, "PACS", "HER2WORKER", 10)
+    try:
+        with open(tmp_path / "1.2.11" / ".lock", "a+b") as other_flusher:
+            fcntl.flock(other_flusher, fcntl.LOCK_EX)
+            report = outbox.flush(destination, on_series=lambda *args: outcomes.append(args))
+            assert received == [] and outcomes == [] and report.delivered == {}
+        report = outbox.flush(destination, on_series=lambda *args: outcomes.append(args))
+    finally:
+        server.shutdown()
+    assert received == ["1.2.11.1"] and report.delivered == {"1.2.11": 1}
+    assert outcomes == [("1.2.11", 1, 0, None)]
+    assert not (tmp_path / "1.2.11").exists()

@@ -202,35 +202,34 @@ def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
     if result.source.series_instance_uid != job.series_instance_uid:
         raise SlideError(f"spool folder of series {job.series_instance_uid} holds series "
                          f"{result.source.series_instance_uid}")
-    outbox = Outbox(settings.outbox_dir)
-    outbox.put(job.series_instance_uid, result.datasets)
-    report = outbox.flush(Destination.from_settings(settings), job.series_instance_uid)
-    state = _record_delivery(store, job.series_instance_uid, report.delivered.get(job.series_instance_uid, 0),
-                             report.waiting.get(job.series_instance_uid, 0),
-                             report.rejected.get(job.series_instance_uid), report.unreachable)
-    log.info("series %s scored (%s): %s", job.series_instance_uid, result.score.call.value, state.value)
+    series = job.series_instance_uid
+    # Status first, files second: whichever flusher delivers them records its outcome after this.
+    store.set_status(series, JobState.DELIVERING, f"results in the outbox for {settings.destination_aet}")
+    Outbox(settings.outbox_dir).put(series, result.datasets)
+    outcome: list[JobState] = []
+    Outbox(settings.outbox_dir).flush(Destination.from_settings(settings), series,
+                                      on_series=lambda *args: outcome.append(_record_delivery(store, *args)))
+    state = outcome[-1] if outcome else JobState.DELIVERING
+    log.info("series %s scored (%s): %s", series, result.score.call.value, state.value)
     return state
 
 
-def _record_delivery(store: JobStore, series_uid: str, delivered: int, waiting: int, rejected: str | None,
-                     unreachable: str) -> JobState:
+def _record_delivery(store: JobStore, series_uid: str, delivered: int, waiting: int, rejected: str | None) -> JobState:
+    """Record the outcome of sending one series' results (called under the outbox's series lock)."""
     if rejected:
         store.set_status(series_uid, JobState.PARKED, f"result refused by the destination: {rejected}")
         return JobState.PARKED
     if waiting:
-        store.set_status(series_uid, JobState.DELIVERING,
-                         f"{waiting} result instance(s) in the outbox: {unreachable or 'not yet sent'}")
+        store.set_status(series_uid, JobState.DELIVERING, f"{waiting} result instance(s) still in the outbox")
         return JobState.DELIVERING
-    store.set_status(series_uid, JobState.DONE, f"{delivered} result instance(s) delivered" if delivered else "")
+    store.set_status(series_uid, JobState.DONE, f"{delivered} result instance(s) delivered")
     return JobState.DONE
 
 
 def deliver_outbox(settings: Settings, store: JobStore) -> int:
-    """Retry everything in the outbox once; update the status of each series touched. Returns instances sent."""
-    report = Outbox(settings.outbox_dir).flush(Destination.from_settings(settings))
-    for series in set(report.delivered) | set(report.rejected):
-        _record_delivery(store, series, report.delivered.get(series, 0), report.waiting.get(series, 0),
-                         report.rejected.get(series), report.unreachable)
+    """Retry everything in the outbox once, recording each series' outcome. Returns instances delivered."""
+    report = Outbox(settings.outbox_dir).flush(Destination.from_settings(settings),
+                                               on_series=lambda *args: _record_delivery(store, *args))
     return sum(report.delivered.values())
 
 
