@@ -161,13 +161,10 @@ def layout_datasets(layout: str, root: Path, test_root: Path | None, tile_size: 
         return folder_images(folder, patient_from_prefix=layout == "her2-ihc-40x")
 
     tiles = images_tileset(read(root), "train-centre", tile_size, data_mpp, mpp)
-    if test_root is not None or layout == "bci":
-        test = images_tileset(read(test_root or root, "test"), "test-centre", tile_size, data_mpp, mpp)
-        fractions = {"train": 0.8, "val": 0.2}
-    else:
-        fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
+    separate_test = test_root is not None or layout == "bci"
+    fractions = {"train": 0.8, "val": 0.2} if separate_test else {"train": 0.7, "val": 0.15, "test": 0.15}
     split = patient_split(patient_labels(tiles), fractions, seed)
     out = {name: tiles.of_patients(patients) for name, patients in split.items()}
-    if "test" not in out:
-        out["test"] = test
+    if separate_test:
+        out["test"] = images_tileset(read(test_root or root, "test"), "test-centre", tile_size, data_mpp, mpp)
     return out

@@ -71,14 +71,14 @@ class SyntheticCohort:
                 f"worker's own path (tissue mask, >{WHITE_FRACTION_MAX:.0%} white dropped, Macenko absolute-DAB)")
 
 
-def load_datasets(args) -> dict[str, TileSet]:
-    """The ``train`` / ``val`` / ``test`` tile sets named by the CLI's data options."""
+def load_datasets(args, membranes: bool = False) -> dict[str, TileSet]:
+    """The ``train`` / ``val`` / ``test`` tile sets named by the CLI's data options (``membranes``: synthetic only)."""
     if args.data == "synthetic":
         cohort = SyntheticCohort(args.patients, args.test_patients, args.slide_um, seed=args.seed)
         mpp = MAGNIFICATION_MPP[args.magnification]
         test_mpp = MAGNIFICATION_MPP[args.test_magnification] if args.test_magnification else None
-        return cohort.datasets(mpp, args.tile_size, args.cache, args.workers, normalise=not args.no_stain_normalisation,
-                               progress=not args.quiet, test_mpp=test_mpp)
+        return cohort.datasets(mpp, args.tile_size, args.cache, args.workers, membranes,
+                               normalise=not args.no_stain_normalisation, progress=not args.quiet, test_mpp=test_mpp)
     if args.data_dir is None:
         raise ValueError(f"--data {args.data} needs --data-dir")
     return layout_datasets(args.data, args.data_dir, args.test_dir, args.tile_size, args.seed,
@@ -99,12 +99,14 @@ def run_training(data: dict[str, TileSet], config: TrainConfig, out_dir: Path, n
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = fit(data["train"], config, progress)
-    temperature = calibrate_temperature(result.model, data["val"]) if "val" in data else 1.0
+    if "val" in data:
+        result.temperature = calibrate_temperature(result.model, data["val"])
     metrics = {name: evaluate(result.model, tiles, out_dir / name, title=name, n_boot=n_boot, progress=progress)
                for name, tiles in data.items() if name != "train" and len(tiles)}
     train = data["train"]
     save_checkpoint(result, out_dir / "model.pt", train.tile_size, train.mpp, {"metrics": metrics})
-    summary = {"config": asdict(config), "temperature": temperature, "train_seconds": result.seconds, "total_parameters": result.total_parameters,
+    summary = {"config": asdict(config), "temperature": result.temperature, "train_seconds": result.seconds,
+               "total_parameters": result.total_parameters,
                "max_trainable_parameters": result.max_trainable_parameters, "history": result.history,
                "tiles": {name: len(tiles) for name, tiles in data.items()}, "metrics": metrics}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -139,6 +141,7 @@ def train_default(model_path: Path, report_dir: Path, cache: Path = DEFAULT_CACH
         "config": asdict(DEFAULT_CONFIG),
         "parameters": result.total_parameters,
         "train_seconds": round(result.seconds, 1),
+        "temperature": result.temperature,
         "reproduce": "her2 train-default --out worker/models/",
     }, DEFAULT_MODEL_NAME, DEFAULT_MODEL_VERSION)
 

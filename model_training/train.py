@@ -66,6 +66,7 @@ class TrainResult:
     seconds: float = 0.0
     max_trainable_parameters: int = 0
     total_parameters: int = 0
+    temperature: float = 1.0
 
 
 def class_targets(tiles: TileSet, n_classes: int, min_tumour: float) -> tuple[np.ndarray, np.ndarray]:

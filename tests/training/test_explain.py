@@ -52,3 +52,24 @@ def test_dab_mask_finds_stained_pixels_and_dilation_grows_it():
     mask = dab_membrane_mask(tiles)
     assert mask[0, 5].all() and not mask[0, 10].any() and mask.sum() == 16
     assert dilate(mask, 1).sum() == 48
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("method", ["gradcam", "scorecam"])
+def test_cam_report_on_a_trained_tiny_model(method, tiny_data, tmp_path):
+    pytest.importorskip("pytorch_grad_cam")
+    from model_training.explain import explain, explanation_report
+    from model_training.train import TrainConfig, fit
+
+    model = fit(tiny_data["train"], TrainConfig(arch="tiny", epochs=1, batch_size=8), progress=False).model
+    test = tiny_data["test"]
+    stained = np.flatnonzero(test.membranes.reshape(len(test), -1).any(axis=1))[:3]
+    cams = explain(model, test.tiles[stained], method)
+    assert cams.shape == (len(stained), test.tile_size, test.tile_size)
+    assert cams.min() >= 0.0 and cams.max() <= 1.0 + 1e-6
+    report = explanation_report(model, test.tiles[stained], test.membranes[stained], tmp_path, (method,))
+    assert report["tiles"] == len(stained)
+    assert 0.0 <= report[method]["map_mean"] <= 1.0
+    assert 0.0 <= report[method]["ec_transforms_mean"] <= 1.0 + 1e-9
+    assert 0.0 < report["uniform_baseline_map"] < 1.0
+    assert (tmp_path / "explanations.json").is_file() and (tmp_path / f"{method}_000.png").is_file()
