@@ -15,20 +15,23 @@ slide-level macro-AUC and QWK).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 from model_training import ARCHITECTURES
+from model_training.models import MIN_INPUT_SIZE
 from model_training.recipes import SyntheticCohort, run_training
 from model_training.train import TrainConfig
 from worker.aggregate import CLASSES
 
 STUDIES = ("architectures", "unfreezing", "stain", "magnification")
 MPP = {10: 1.0, 40: 0.25}
+MAG = {mpp: mag for mag, mpp in MPP.items()}
 
 
-def _row(label: str, result, metrics: dict) -> dict:
-    tile, slide = metrics["test"]["tile"], metrics["test"]["slide"]
+def _row(label: str, result, metrics: dict, split: str = "test") -> dict:
+    tile, slide = metrics[split]["tile"], metrics[split]["slide"]
     return {"model": label, "macro_auc": tile["macro_auc"], **{f"auc_{c}": tile["per_class_auc"].get(c) for c in CLASSES},
             "accuracy": tile["accuracy"], "macro_f1": tile["macro_f1"], "qwk": tile["qwk"],
             "slide_macro_auc": slide["macro_auc"], "slide_qwk": slide["qwk"],
@@ -44,16 +47,23 @@ def run_study(study: str, cohort: SyntheticCohort, base: TrainConfig, out_dir: P
         raise ValueError(f"study must be one of {STUDIES}, got {study!r}")
     rows = []
 
-    def run(label: str, config: TrainConfig, mpp: float = 1.0, test_mpp: float | None = None,
-            normalise: bool = True) -> None:
-        data = cohort.datasets(mpp, tile_size, cache, workers, normalise=normalise, progress=progress,
-                               test_mpp=test_mpp)
+    def run(label: str, config: TrainConfig, mpp: float = 1.0, normalise: bool = True,
+            cross_mpp: float | None = None) -> None:
+        """Train one variant; with ``cross_mpp`` also test on the test centre at that spacing."""
+        data = cohort.datasets(mpp, tile_size, cache, workers, normalise=normalise, progress=progress)
+        if cross_mpp is not None:
+            data["test_cross"] = cohort.datasets(cross_mpp, tile_size, cache, workers, progress=progress)["test"]
         result, metrics = run_training(data, config, out_dir / label.replace(" ", "_"), n_boot, progress)
-        rows.append(_row(label, result, metrics))
+        if cross_mpp is None:
+            rows.append(_row(label, result, metrics))
+            return
+        for split, test_mpp in (("test", mpp), ("test_cross", cross_mpp)):
+            rows.append(_row(f"{label} test {MAG[test_mpp]}x", result, metrics, split))
 
     if study == "architectures":
-        for arch in archs:
-            run(arch, replace(base, arch=arch))
+        for arch in archs:  # a requested input size below an architecture's minimum is raised to it
+            size = max(base.input_size, MIN_INPUT_SIZE[arch]) if base.input_size else None
+            run(arch, replace(base, arch=arch, input_size=size))
     elif study == "unfreezing":
         for schedule in ("full", "hybrid", "head"):
             run(f"{base.arch} {schedule}", replace(base, unfreeze=schedule))
@@ -61,9 +71,8 @@ def run_study(study: str, cohort: SyntheticCohort, base: TrainConfig, out_dir: P
         for normalise in (True, False):
             run(f"{base.arch} {'Macenko' if normalise else 'no normalisation'}", base, normalise=normalise)
     else:
-        for train_mag in (10, 40):
-            for test_mag in (10, 40):
-                run(f"{base.arch} train {train_mag}x test {test_mag}x", base, MPP[train_mag], MPP[test_mag])
+        for train_mag, other in ((10, 40), (40, 10)):
+            run(f"{base.arch} train {train_mag}x", base, MPP[train_mag], cross_mpp=MPP[other])
     (out_dir / f"{study}.json").write_text(json.dumps(rows, indent=1, default=float))
     return rows
 
@@ -75,7 +84,7 @@ def markdown_table(rows: list[dict], title: str) -> str:
     keys = ["macro_auc", *(f"auc_{c}" for c in CLASSES), "accuracy", "macro_f1", "qwk", "slide_macro_auc", "slide_qwk"]
 
     def fmt(v) -> str:
-        return "n/a" if v is None or v != v else f"{v:.3f}"
+        return "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
 
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -147,7 +147,7 @@ def explanation_report(model: TileClassifier, tiles: np.ndarray, membranes: np.n
     has_membrane = membranes.reshape(len(membranes), -1).any(axis=1)
     tiles, membranes = tiles[has_membrane], dilate(membranes[has_membrane], dilate_px)
     classes = _predicted(model, tiles)
-    report: dict = {"tiles": int(len(tiles)), "membrane_dilation_px": dilate_px,
+    report: dict = {"tiles": len(tiles), "membrane_dilation_px": dilate_px,
                     "uniform_baseline_map": float(membranes.mean()) if len(tiles) else float("nan")}
     for method in methods:
         cams = explain(model, tiles, method, classes)

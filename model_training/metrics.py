@@ -10,13 +10,15 @@ what the worker would report.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
-from worker.aggregate import CLASSES, asco_cap_call, class_percentages
 from model_training.tileset import CALL_CLASS
+from worker.aggregate import CLASSES, asco_cap_call, class_percentages
 
 #: Width (percentage points) of the logistic ramps of :func:`soft_call_scores`.
 SOFT_CALL_WIDTH = 2.0
@@ -39,14 +41,18 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, y_pred: np.nd
     aucs = [v for v in per_class.values() if np.isfinite(v)]
     labels = list(range(n_classes))
     agree = float(np.mean(y_true == y_pred)) if len(y_true) else np.nan
-    qwk = float(cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic"))
+    with warnings.catch_warnings():  # the undefined case is handled just below
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        qwk = float(cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic", replace_undefined_by=np.nan))
+    if np.isnan(qwk):  # kappa is 0/0 when truth and prediction each use one class: perfect if they agree
+        qwk = 1.0 if agree == 1.0 else 0.0
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "macro_auc": float(np.mean(aucs)) if aucs else np.nan,
         "per_class_auc": per_class,
         "accuracy": agree,
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "qwk": 1.0 if np.isnan(qwk) and agree == 1.0 else qwk,  # kappa is 0/0 when all labels agree on one class
+        "qwk": qwk,
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 

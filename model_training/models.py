@@ -207,7 +207,7 @@ class TileClassifier(nn.Module):
             out, aux = out.logits, out.aux_logits
         return TileOutput(self.classifier(out) / self.temperature, self.tumour(out).squeeze(1), aux)
 
-    def train(self, mode: bool = True) -> "TileClassifier":
+    def train(self, mode: bool = True) -> TileClassifier:
         """Train mode, except frozen blocks stay in eval mode (their BatchNorm statistics are kept)."""
         super().train(mode)
         for block in self.blocks[: len(self.blocks) - self.trainable_blocks]:

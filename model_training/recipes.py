@@ -16,11 +16,11 @@ import numpy as np
 
 from model_training.evaluate import evaluate
 from model_training.export import export_onnx, model_card, onnx_parity, write_card
+from model_training.layouts import layout_datasets
+from model_training.models import TileClassifier
 from model_training.splits import patient_labels, patient_split
 from model_training.synthetic_data import DEFAULT_CACHE, cohort_tileset, synthetic_cohort
 from model_training.tileset import TileSet
-from model_training.layouts import layout_datasets
-from model_training.models import TileClassifier
 from model_training.train import (
     TrainConfig,
     TrainResult,

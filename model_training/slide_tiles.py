@@ -43,7 +43,7 @@ def load_spec(series_dir: Path) -> SlideSpec:
 class Unnormalised:
     """Stand-in for the slide's stain normaliser that returns tiles unchanged (normalisation ablation only)."""
 
-    notes: list[str] = []
+    notes: tuple[str, ...] = ()
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         return tiles

@@ -77,19 +77,19 @@ class TileSet:
         """Majority tumour class per tile (argmax of ``class_fractions``)."""
         return self.class_fractions.argmax(axis=1)
 
-    def take(self, index: np.ndarray) -> "TileSet":
+    def take(self, index: np.ndarray) -> TileSet:
         """The tiles at ``index`` (slides kept, so ``slide`` stays valid)."""
         return TileSet(self.tiles[index], self.class_fractions[index], self.tumour_fraction[index],
                        self.slide[index], self.slides, self.mpp,
                        None if self.membranes is None else self.membranes[index])
 
-    def of_patients(self, patients: set[str] | list[str]) -> "TileSet":
+    def of_patients(self, patients: set[str] | list[str]) -> TileSet:
         """The tiles of slides whose patient is in ``patients``."""
         wanted = np.array([s.patient_id in set(patients) for s in self.slides], dtype=bool)
         return self.take(np.flatnonzero(wanted[self.slide]) if len(self) else np.zeros(0, int))
 
     @staticmethod
-    def concat(sets: list["TileSet"]) -> "TileSet":
+    def concat(sets: list[TileSet]) -> TileSet:
         """One tile set from several (same mpp); slide indices are renumbered."""
         if not sets:
             raise ValueError("TileSet.concat needs at least one tile set")
@@ -119,7 +119,7 @@ class TileSet:
                  percentages=np.array([s.percentages for s in self.slides], dtype=float).reshape(-1, 4), **extra)
 
     @classmethod
-    def load(cls, path: Path) -> "TileSet":
+    def load(cls, path: Path) -> TileSet:
         with np.load(path) as z:
             slides = [SlideInfo(str(i), str(p), str(c), int(lab), tuple(float(v) for v in pct))
                       for i, p, c, lab, pct in zip(z["slide_ids"], z["patient_ids"], z["centres"],

@@ -31,6 +31,8 @@ from model_training.tileset import TileSet
 from worker.aggregate import class_percentages
 
 UNFREEZE = ("full", "head", "hybrid")
+#: Softmax temperatures tried by :func:`calibrate_temperature`.
+TEMPERATURES = np.geomspace(0.1, 2.0, 33)
 
 
 @dataclass
@@ -191,8 +193,7 @@ def predict(model: TileClassifier, tiles: np.ndarray, batch_size: int = 32, prog
             np.concatenate(tumour) if tumour else np.zeros(0, np.float32))
 
 
-def calibrate_temperature(model: TileClassifier, val: TileSet,
-                          candidates: np.ndarray = np.geomspace(0.1, 2.0, 33)) -> float:
+def calibrate_temperature(model: TileClassifier, val: TileSet, candidates: np.ndarray = TEMPERATURES) -> float:
     """Set (and return) the softmax temperature that best reproduces the validation slides' class percentages.
 
     The worker turns tile probabilities into tumour-area percentages and

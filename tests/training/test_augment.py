@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_training.augment import Augment, gaussian_blur, hed_jitter  # noqa: E402
-from worker.preprocessing import StainNormaliser  # noqa: E402
+from model_training.augment import Augment, gaussian_blur, hed_jitter
+from worker.preprocessing import StainNormaliser
 
 pytestmark = pytest.mark.train
 
@@ -27,7 +27,7 @@ def test_dab_gain_scales_dab_concentration_only():
     x = _tile()
     y = hed_jitter(x, torch.ones(2), torch.full((2,), 1.5))
     norm = StainNormaliser.identity()
-    to_uint8 = lambda t: np.clip(np.rint(t.permute(0, 2, 3, 1).numpy() * 255), 0, 255).astype(np.uint8)  # noqa: E731
+    to_uint8 = lambda t: np.clip(np.rint(t.permute(0, 2, 3, 1).numpy() * 255), 0, 255).astype(np.uint8)
     before, after = norm.concentrations(to_uint8(x)), norm.concentrations(to_uint8(y))
     assert np.allclose(after[..., 0], before[..., 0], atol=0.02)
     stained = before[..., 1] > 0.2

@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_training.export import export_onnx  # noqa: E402
-from model_training.models import TileClassifier  # noqa: E402
-from model_training.recipes import deploy  # noqa: E402
-from model_training.train import TrainConfig, fit, predict  # noqa: E402
-from worker.inference import TileModel  # noqa: E402
-from worker.model_card import ModelCardError, load_model_card  # noqa: E402
+from model_training.export import export_onnx
+from model_training.models import TileClassifier
+from model_training.recipes import deploy
+from model_training.train import TrainConfig, fit, predict
+from worker.inference import TileModel
+from worker.model_card import ModelCardError, load_model_card
 
 pytestmark = pytest.mark.train
 

@@ -47,7 +47,7 @@ def test_slide_aggregation_weights_by_tumour_fraction():
     probs = np.array([[1, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0.0]])
     groups = np.array(["a", "a", "b"])
     # slide a: the 3+ tile holds 20 % of the tumour -> 3+; without it (tumour 0) -> 0.
-    pred, scores, ids = aggregate_groups(groups, probs, np.array([0.8, 0.2, 0.5]), 2.0)
+    pred, _, ids = aggregate_groups(groups, probs, np.array([0.8, 0.2, 0.5]), 2.0)
     assert list(ids) == ["a", "b"] and list(pred) == [3, 1]
     pred, _, _ = aggregate_groups(groups, probs, np.array([0.8, 0.0, 0.5]), 2.0)
     assert list(pred) == [0, 1]
