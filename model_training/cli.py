@@ -8,6 +8,7 @@ when one of these commands runs, so ``her2 --help`` and the worker need no
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--imagenet-weights", type=Path,
                    help="local torchvision ImageNet state_dict file for --arch (nothing is ever downloaded)")
     g.add_argument("--no-augment", action="store_true", help="no flips/rotations/colour/HED/blur augmentation")
+    g.add_argument("--class-balance", action="store_true", help="weight the class loss inversely to class frequency")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -119,11 +121,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
     tiles = tiles.take(np.random.default_rng(args.seed).permutation(len(tiles))[: args.tiles])
     membranes = tiles.membranes if tiles.membranes is not None else dab_membrane_mask(tiles.tiles)
     report = explanation_report(model, tiles.tiles, membranes, args.out, tuple(args.methods), args.dilate_px)
+    if args.data == "synthetic":
+        report["cross_magnification"] = _cross_magnification(args, model, ckpt["mpp"])
+        (args.out / "explanations.json").write_text(json.dumps(report, indent=1, default=float))
     for method in args.methods:
         print(f"{method}: MAP {report[method]['map_mean']:.3f} (uniform baseline {report['uniform_baseline_map']:.3f}), "
-              f"EC under flips/rotations {report[method]['ec_transforms_mean']:.3f}")
+              f"EC under flips/rotations {report[method]['ec_transforms_mean']:.3f}"
+              + (f", EC 10x vs 40x {report['cross_magnification'][method]:.3f}" if "cross_magnification" in report
+                 else ""))
     print(f"explanations.json and overlays in {args.out}")
     return 0
+
+
+def _cross_magnification(args: argparse.Namespace, model, mpp: float) -> dict[str, float]:
+    """Mean EC between 10x and 40x explanations on two test-centre slides (``--cross-checkpoint``: other model)."""
+    from model_training.explain import cross_magnification_consistency
+    from model_training.synthetic_data import synthetic_cohort
+    from model_training.train import load_checkpoint
+
+    other = load_checkpoint(args.cross_checkpoint)[0] if args.cross_checkpoint else model
+    low, high = (model, other) if mpp >= MAGNIFICATIONS[10] else (other, model)
+    specs = synthetic_cohort(args.test_patients, "B", args.seed + 1, (args.slide_um, args.slide_um))[:2]
+    return {method: float(np.nanmean(np.concatenate([cross_magnification_consistency(
+                low, high, spec, method, MAGNIFICATIONS[10], MAGNIFICATIONS[40], args.tile_size, regions=2)
+                for spec in specs]))) for method in args.methods}
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -204,6 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", type=int, default=8, help="tiles to explain (Score-CAM: one pass per channel each)")
     p.add_argument("--methods", nargs="+", choices=["gradcam", "scorecam"], default=["gradcam", "scorecam"])
     p.add_argument("--dilate-px", type=int, default=2, help="membrane mask dilation for MAP (CAMs are coarse)")
+    p.add_argument("--cross-checkpoint", type=Path,
+                   help="model at the other magnification for the 10x-vs-40x EC (default: the same model)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_explain)

@@ -11,6 +11,7 @@ exactly the schema :func:`worker.model_card.load_model_card` validates.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,12 @@ def export_onnx(model: TileClassifier, path: Path, tile_size: int) -> None:
     model.eval()
     dummy = torch.rand(2, 3, tile_size, tile_size)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(_Deployed(model), (dummy,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUTS),
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}},
-                      opset_version=OPSET, dynamo=False)
+    with warnings.catch_warnings():  # the tile size is fixed by design: shape-to-constant tracing is intended
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(_Deployed(model), (dummy,), str(path), input_names=[INPUT_NAME],
+                          output_names=list(OUTPUTS),
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}},
+                          opset_version=OPSET, dynamo=False)
 
 
 def onnx_parity(model: TileClassifier, path: Path, tiles: np.ndarray) -> float:

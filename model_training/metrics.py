@@ -136,7 +136,8 @@ def plot_roc(y_true: np.ndarray, scores: np.ndarray, classes: tuple[str, ...], t
             ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, scores[:, k]):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc="lower right")
     _save(fig, path)
 
 

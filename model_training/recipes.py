@@ -89,7 +89,8 @@ def train_config(args) -> TrainConfig:
     """The :class:`TrainConfig` named by the CLI's model and training options."""
     return TrainConfig(arch=args.arch, n_classes=args.classes, input_size=args.input_size, epochs=args.epochs,
                        batch_size=args.batch_size, lr=args.lr, unfreeze=args.unfreeze,
-                       hybrid_blocks=args.hybrid_blocks, augment=not args.no_augment, seed=args.seed,
+                       hybrid_blocks=args.hybrid_blocks, augment=not args.no_augment,
+                       class_balance=args.class_balance, seed=args.seed,
                        imagenet_weights=str(args.imagenet_weights) if args.imagenet_weights else None)
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     unfreeze: str = "full"
     hybrid_blocks: int = 2
     augment: bool = True
+    class_balance: bool = False
     min_tumour: float = 0.05
     seed: int = 0
     imagenet_weights: str | None = None
@@ -89,21 +90,29 @@ def class_targets(tiles: TileSet, n_classes: int, min_tumour: float) -> tuple[np
     return fractions, mask
 
 
+def balanced_class_weights(targets: np.ndarray) -> np.ndarray:
+    """Per-class loss weights (C,) inverse to the classes' total target mass, mean 1 over present classes."""
+    mass = targets.sum(axis=0)
+    weights = np.where(mass > 0, 1.0 / np.maximum(mass, 1e-9), 0.0)
+    return (weights / weights[mass > 0].mean()).astype(np.float32)
+
+
 def to_tensor(tiles: np.ndarray) -> torch.Tensor:
     """uint8 NHWC tiles -> float32 NCHW RGB/255 (the model's input convention)."""
     return torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over tiles of the cross-entropy against soft targets (weight 0: tile ignored)."""
     loss = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1)
-    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+    return (loss * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
-def tile_loss(out, targets: torch.Tensor, mask: torch.Tensor, tumour: torch.Tensor) -> torch.Tensor:
+def tile_loss(out, targets: torch.Tensor, weight: torch.Tensor, tumour: torch.Tensor) -> torch.Tensor:
     """Class loss (+ auxiliary) + tumour-fraction BCE on the tiles where it is known."""
-    loss = soft_cross_entropy(out.logits, targets, mask)
+    loss = soft_cross_entropy(out.logits, targets, weight)
     if out.aux_logits is not None:
-        loss = loss + AUX_LOSS_WEIGHT * soft_cross_entropy(out.aux_logits, targets, mask)
+        loss = loss + AUX_LOSS_WEIGHT * soft_cross_entropy(out.aux_logits, targets, weight)
     known = torch.isfinite(tumour)
     if known.any():
         loss = loss + F.binary_cross_entropy_with_logits(out.tumour_logit[known], tumour[known])
@@ -130,6 +139,9 @@ def fit(train: TileSet, config: TrainConfig, progress: bool = True) -> TrainResu
     keep = np.flatnonzero(mask | np.isfinite(train.tumour_fraction))
     if len(keep) == 0:
         raise ValueError("no training tiles with a usable target")
+    tile_weight = mask.astype(np.float32)  # class-loss weight per tile
+    if config.class_balance:
+        tile_weight *= targets @ balanced_class_weights(targets[mask])
     augment = Augment() if config.augment else None
     steps_per_epoch = -(-len(keep) // config.batch_size)
     result = TrainResult(model, config, total_parameters=count_parameters(model))
@@ -158,7 +170,7 @@ def fit(train: TileSet, config: TrainConfig, progress: bool = True) -> TrainResu
             if augment is not None:
                 x = augment(x, g)
             out = model(x)
-            loss = tile_loss(out, torch.from_numpy(targets[idx]), torch.from_numpy(mask[idx]).float(),
+            loss = tile_loss(out, torch.from_numpy(targets[idx]), torch.from_numpy(tile_weight[idx]),
                              torch.from_numpy(train.tumour_fraction[idx]).float())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

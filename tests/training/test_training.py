@@ -75,3 +75,23 @@ def test_three_class_head_targets_exclude_ihc_zero(tiny_data):
     assert targets.shape == (len(train), 3)
     assert np.allclose(targets[mask].sum(axis=1), 1.0, atol=1e-5)
     assert (train.class_fractions[mask][:, 1:].sum(axis=1) >= 0.5).all()
+
+
+def test_imagenet_weights_load_from_a_local_file_only(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet34(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet34.pth")
+    model = TileClassifier("resnet34", 4, input_size=64, imagenet_weights=tmp_path / "resnet34.pth")
+    assert torch.equal(model.features.layer4[0].conv1.weight, reference.layer4[0].conv1.weight)
+    with pytest.raises(ValueError, match="not a torchvision alexnet ImageNet state_dict"):
+        TileClassifier("alexnet", 4, imagenet_weights=tmp_path / "resnet34.pth")
+
+
+def test_balanced_class_weights_equalise_class_mass():
+    from model_training.train import balanced_class_weights
+
+    targets = np.array([[1, 0, 0, 0]] * 6 + [[0, 1, 0, 0]] * 2 + [[0, 0, 0.5, 0.5]] * 2, dtype=np.float32)
+    w = balanced_class_weights(targets)
+    assert w[3] > 0 and np.allclose((targets * w).sum(axis=0), (targets * w).sum(axis=0)[0])
+    assert np.isclose(w.mean(), 1.0)
