@@ -88,7 +88,7 @@ def markdown_table(rows: list[dict], title: str) -> str:
 
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], *(fmt(r[k]) for k in keys), f"{r['parameters'] / 1e6:.2f}", f"{r['trainable'] / 1e6:.2f}",
-                 f"{r['train_seconds']:.0f}"]
+        cells = [r["model"], *(fmt(r[k]) for k in keys), f"{r['parameters'] / 1e6:.3f}",
+                 f"{r['trainable'] / 1e6:.3f}", f"{r['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
