@@ -21,9 +21,10 @@ from model_training.splits import patient_labels
 from model_training.tileset import TileSet
 from model_training.train import predict
 from worker.aggregate import CLASSES
+from worker.settings import Settings
 
-#: Default evidence floor of the worker (``worker.settings.Settings.evidence_floor_percent``).
-EVIDENCE_FLOOR = 2.0
+#: The worker's default evidence floor, so slide calls here are the worker's calls.
+EVIDENCE_FLOOR: float = Settings.model_fields["evidence_floor_percent"].default
 
 
 def tile_level(tiles: TileSet, probabilities: np.ndarray, classes: tuple[str, ...],
