@@ -280,7 +280,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     profile = membrane_width / (sigma * 2.5066) * np.exp(-0.5 * (gap / sigma) ** 2)
     dab = np.where(tumour & stained_arc, membrane_conc * profile, 0.0)
     membrane = tumour & stained_arc & (gap < np.maximum(membrane_width / 2.0, 0.5 * mpp))
-    h_tumour = 0.08 + (0.55 + 0.3 * rnd(41)) * nucleus
+    h_tumour = 0.20 + (0.55 + 0.3 * rnd(41)) * nucleus
 
     # Stroma: pale fibres and sparse elongated fibroblast nuclei.
     si, sj, sdx, sdy, s1, _ = _nearest_two(spec.seed, x, y, STROMA_SPACING_UM, salt=51)

@@ -47,5 +47,5 @@ def candidate_tiles(mask: np.ndarray, grid: TileGrid, min_coverage: float = 0.02
 
 def white_fraction(tiles: np.ndarray) -> np.ndarray:
     """Fraction of white background pixels per tile; ``tiles`` is (..., H, W, 3) uint8."""
-    white = (tiles >= WHITE_LEVEL).all(axis=-1)
-    return white.mean(axis=(-2, -1))
+    white = np.minimum(np.minimum(tiles[..., 0], tiles[..., 1]), tiles[..., 2]) >= WHITE_LEVEL
+    return np.count_nonzero(white, axis=(-2, -1)) / (white.shape[-2] * white.shape[-1])

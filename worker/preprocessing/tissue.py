@@ -1,7 +1,8 @@
 """Tissue detection on a low-resolution pyramid level.
 
 Otsu's threshold on the per-pixel optical density (sum over RGB), bounded
-below so that empty glass (only sensor noise) never becomes "tissue", then a
+below so that empty glass (only sensor noise) never becomes "tissue" and above
+so that pale stroma is never cut away from dense tumour, then a
 small morphological clean-up.
 """
 
@@ -19,6 +20,8 @@ from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReferenc
 THUMBNAIL_MPP = 8.0
 #: Optical density (sum over RGB) below which a pixel is glass whatever Otsu says.
 MIN_TISSUE_OD = 0.25
+#: Upper bound of the tissue threshold: pale stroma (OD sum ~0.35-0.5) must count as tissue.
+MAX_TISSUE_THRESHOLD = 0.32
 
 
 def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
@@ -26,7 +29,9 @@ def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     od = optical_density(thumbnail).sum(axis=-1)
     threshold = MIN_TISSUE_OD
     if float(od.max()) > MIN_TISSUE_OD:
-        threshold = max(MIN_TISSUE_OD, float(threshold_otsu(od)))
+        # Otsu separates glass from tissue, but on slides with dense tumour it may split tumour from
+        # pale stroma instead: it is bounded above so that pale stroma stays tissue.
+        threshold = float(np.clip(threshold_otsu(od), MIN_TISSUE_OD, MAX_TISSUE_THRESHOLD))
     mask = od > threshold
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool))
     return remove_small_objects(mask, max_size=min_object_px)
