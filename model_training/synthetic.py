@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from worker.aggregate import CLASSES, SlideCall, asco_cap_call
-from worker.preprocessing.stain import I0, REFERENCE
+from worker.preprocessing.stain import EOSIN_OD, I0, REFERENCE
 from worker.preprocessing.tissue import THUMBNAIL_MPP
 
 #: Coarse grid (um) on which the smooth layout fields are defined.
@@ -61,7 +61,6 @@ STAINING: dict[str, tuple[tuple[float, float], tuple[float, float], float]] = {
 
 #: "H&E" replaces DAB by eosin in cytoplasm and stroma: a real-world wrong-stain input for QC.
 STAINS = ("HER2-DAB", "H&E")
-EOSIN = (0.072, 0.990, 0.105)
 #: Artefacts for quality-control cases: green marker ink, a tissue fold, an out-of-focus scan.
 ARTEFACTS = ("pen", "fold", "blur")
 PEN_INK = (0.80, 0.15, 0.60)
@@ -296,7 +295,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     od = h[..., None] * np.asarray(centre.stain_matrix[0])
     if spec.stain == "H&E":
         eosin = np.where(tissue, np.where(tumour, 0.45, 0.35) * (1.0 - 0.6 * nucleus * tumour), 0.0)
-        od = od + eosin[..., None] * np.asarray(EOSIN)
+        od = od + eosin[..., None] * np.asarray(EOSIN_OD)
     else:
         od = od + dab[..., None] * np.asarray(centre.stain_matrix[1])
     od = od + np.where(tissue, 0.03, 0.01)[..., None]

@@ -30,9 +30,8 @@ from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_
 from worker.inference import TileModel
 from worker.overlay import write_overlay
 from worker.settings import Settings
-from worker.preprocessing import grid_for_level
 from worker.quality import QualityReport, check_graded, check_slide, sharpness
-from worker.tiles import PreparedSlide, prepare_slide, survey_slide, tile_batches
+from worker.tiles import PreparedSlide, level_grid, prepare_slide, survey_slide, tile_batches
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +75,7 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
         quality = check_slide(survey.thumbnail, survey.mask, survey.normaliser, settings)
         if quality.not_assessable:
             level = slide.levels[0]
-            grid = grid_for_level(level.width, level.height, model.card.tile_size,
-                                  (level.mpp / 1000.0, level.mpp / 1000.0))
+            grid = level_grid(level, model.card.tile_size)
             score, stats = not_assessable(grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
         else:
             prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp)

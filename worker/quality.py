@@ -31,9 +31,10 @@ import numpy as np
 from scipy import ndimage
 
 from worker.preprocessing import REFERENCE, StainNormaliser, optical_density
+from worker.preprocessing.stain import EOSIN_OD
 
 #: Eosin OD vector (Ruifrok & Johnston), the counterstain of H&E.
-EOSIN = np.array((0.072, 0.990, 0.105), np.float32) / np.linalg.norm((0.072, 0.990, 0.105))
+EOSIN = np.array(EOSIN_OD, np.float32) / np.linalg.norm(EOSIN_OD)
 FOLD_OD = 2.0
 #: Only clearly stained tissue pixels (OD sum above this) enter the stain-type check.
 STAINED_OD = 0.5

@@ -78,10 +78,15 @@ def survey_slide(slide: Slide, reference: StainReference) -> SlideSurvey:
     return SlideSurvey(thumbnail, thumbnail_mpp, mask, normaliser)
 
 
+def level_grid(level: LevelInfo, tile_size: int) -> TileGrid:
+    """The non-overlapping ``tile_size`` grid covering pyramid ``level``."""
+    return grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
+
+
 def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float) -> PreparedSlide:
     """Tile grid at ``mpp`` um/px with the tissue tiles found by the survey."""
     level = slide.level_for_mpp(mpp)
-    grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
+    grid = level_grid(level, tile_size)
     return PreparedSlide(survey, level, grid, candidate_tiles(survey.mask, grid), slide.tile_reader(level, tile_size))
 
 

@@ -76,6 +76,10 @@ REFERENCE = StainReference(
 )
 
 
+#: Ruifrok & Johnston eosin OD vector (not unit length): the counterstain of H&E, for wrong-stain checks.
+EOSIN_OD = (0.072, 0.990, 0.105)
+
+
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     cos = float(np.clip(np.dot(_unit(a), _unit(b)), -1.0, 1.0))
     return float(np.degrees(np.arccos(cos)))
