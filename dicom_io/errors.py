@@ -7,3 +7,7 @@ class SlideError(ValueError):
 
 class CorruptTileError(SlideError):
     """One tile's compressed data is damaged."""
+
+
+class AnnotationError(ValueError):
+    """The input is not a usable HER2 region annotation (PS3.3 A.87); the message says exactly why."""

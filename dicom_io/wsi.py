@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,16 @@ class LevelInfo:
     tile_height: int
 
 
-def _dicom_files(path: Path) -> list[Path]:
-    if not path.exists():
+def _dicom_files(path: Path | Sequence[Path]) -> list[Path]:
+    if not isinstance(path, Path):
+        candidates = list(path)
+        for p in candidates:
+            if not p.is_file():
+                raise SlideError(f"{p}: no such file")
+    elif not path.exists():
         raise SlideError(f"{path}: no such file or folder")
-    candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     files = []
     for p in candidates:
         with open(p, "rb") as fh:
@@ -65,7 +72,7 @@ def _dicom_files(path: Path) -> list[Path]:
         if head[128:132] == b"DICM":
             files.append(p)
     if not files:
-        raise SlideError(f"{path}: no DICOM files found")
+        raise SlideError(f"{path if isinstance(path, Path) else 'file list'}: no DICOM files found")
     return files
 
 
@@ -213,13 +220,14 @@ def _decode(data: bytes, tile_size: int) -> np.ndarray:
     return arr
 
 
-def open_slide(path: Path) -> Slide:
-    """Open the VL WSM series in ``path`` (a folder or one file), or raise :class:`SlideError`."""
-    path = Path(path)
+def open_slide(path: Path | Sequence[Path]) -> Slide:
+    """Open the VL WSM series in ``path`` (a folder, one file or a list of files), or raise :class:`SlideError`."""
+    path = Path(path) if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    where = path if isinstance(path, Path) else f"{len(path)} files in {path[0].parent if path else '.'}"
     headers = {p: _read_header(p) for p in _dicom_files(path)}
     _validate(headers)
     try:
         wsi = WsiDicom.open(list(headers), settings=_READ_SETTINGS)
     except Exception as exc:  # wsidicom raises several unrelated types for bad pyramids
-        raise SlideError(f"{path}: wsidicom could not open the slide ({type(exc).__name__}: {exc})") from exc
+        raise SlideError(f"{where}: wsidicom could not open the slide ({type(exc).__name__}: {exc})") from exc
     return Slide(wsi, headers)

@@ -15,16 +15,16 @@ import numpy as np
 
 from model_training import ARCHITECTURES
 
-DATA_SOURCES = ("synthetic", "folder", "bci", "her2-ihc-40x")
+DATA_SOURCES = ("synthetic", "folder", "bci", "her2-ihc-40x", "dicom-annotated")
 MAGNIFICATIONS = {10: 1.0, 40: 0.25}
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATA_SOURCES, default="synthetic",
-                   help="synthetic cohort (default), or tiles a user brings: folder-per-class, BCI, HER2-IHC-40x "
-                   "(layouts: docs/training.md)")
-    g.add_argument("--data-dir", type=Path, help="root of a folder / bci / her2-ihc-40x dataset")
+                   help="synthetic cohort (default), or data a user brings: folder-per-class, BCI, HER2-IHC-40x, "
+                   "DICOM slides with HER2 region annotations (layouts: docs/training.md)")
+    g.add_argument("--data-dir", type=Path, help="root of a folder / bci / her2-ihc-40x / dicom-annotated dataset")
     g.add_argument("--test-dir", type=Path, help="independent test centre in the same layout as --data-dir")
     g.add_argument("--magnification", type=int, choices=sorted(MAGNIFICATIONS), default=10,
                    help="training magnification: 10x (1.0 um/px) or 40x (0.25 um/px); user images are resampled")

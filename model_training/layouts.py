@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model_training.splits import patient_labels, patient_split
+from model_training.splits import split_datasets
 from model_training.tileset import SlideInfo, TileSet
 from worker.aggregate import CLASSES
 from worker.preprocessing import THUMBNAIL_MPP, fit_slide, white_fraction
@@ -161,10 +161,7 @@ def layout_datasets(layout: str, root: Path, test_root: Path | None, tile_size: 
         return folder_images(folder, patient_from_prefix=layout == "her2-ihc-40x")
 
     tiles = images_tileset(read(root), "train-centre", tile_size, data_mpp, mpp)
-    separate_test = test_root is not None or layout == "bci"
-    fractions = {"train": 0.8, "val": 0.2} if separate_test else {"train": 0.7, "val": 0.15, "test": 0.15}
-    split = patient_split(patient_labels(tiles), fractions, seed)
-    out = {name: tiles.of_patients(patients) for name, patients in split.items()}
-    if separate_test:
-        out["test"] = images_tileset(read(test_root or root, "test"), "test-centre", tile_size, data_mpp, mpp)
-    return out
+    test = None
+    if test_root is not None or layout == "bci":
+        test = images_tileset(read(test_root or root, "test"), "test-centre", tile_size, data_mpp, mpp)
+    return split_datasets(tiles, test, seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model_training.annotated import annotated_datasets
 from model_training.evaluate import evaluate
 from model_training.export import export_onnx, model_card, onnx_parity, write_card
 from model_training.layouts import layout_datasets
@@ -81,6 +82,10 @@ def load_datasets(args, membranes: bool = False) -> dict[str, TileSet]:
                                normalise=not args.no_stain_normalisation, progress=not args.quiet, test_mpp=test_mpp)
     if args.data_dir is None:
         raise ValueError(f"--data {args.data} needs --data-dir")
+    if args.data == "dicom-annotated":
+        return annotated_datasets(args.data_dir, args.test_dir, args.tile_size, args.seed,
+                                  MAGNIFICATION_MPP[args.magnification], normalise=not args.no_stain_normalisation,
+                                  progress=not args.quiet)
     return layout_datasets(args.data, args.data_dir, args.test_dir, args.tile_size, args.seed,
                            MAGNIFICATION_MPP[args.magnification], args.data_mpp)
 

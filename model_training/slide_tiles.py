@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_io.wsi import open_slide
+from dicom_io.wsi import Slide, open_slide
 from model_training.synthetic import SlideSpec, truth_grid
 from model_training.synthetic_dicom import TRUTH_FILE
 from worker.preprocessing import REFERENCE, StainReference
-from worker.tiles import prepare_slide, survey_slide, tile_batches
+from worker.tiles import Position, PreparedSlide, prepare_slide, survey_slide, tile_batches
 
 
 @dataclass
@@ -49,6 +49,26 @@ class Unnormalised:
         return tiles
 
 
+def read_slide_tiles(slide: Slide, tile_size: int, mpp: float, reference: StainReference = REFERENCE,
+                     white_fraction_max: float = 0.6, batch_size: int = 16, threads: int = 2,
+                     normalise: bool = True) -> tuple[np.ndarray, list[Position], PreparedSlide]:
+    """Kept, normalised tissue tiles of an opened slide at ``mpp`` um/px, through the worker's own tile path.
+
+    Returns the tiles, their grid positions (row, col) and the prepared slide (survey with tissue mask,
+    level, grid) they came from. ``normalise=False`` keeps the tiles' original stain colours (to measure what normalisation buys).
+    """
+    survey = survey_slide(slide, reference)
+    if not normalise:
+        survey = replace(survey, normaliser=Unnormalised())
+    prepared = prepare_slide(slide, survey, tile_size, mpp)
+    tiles, positions = [], []
+    for batch in tile_batches(prepared, batch_size, threads, white_fraction_max):
+        tiles.append(batch.tiles)
+        positions.extend(batch.positions)
+    out = np.concatenate(tiles) if tiles else np.zeros((0, tile_size, tile_size, 3), np.uint8)
+    return out, positions, prepared
+
+
 def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1.0,
                           reference: StainReference = REFERENCE, white_fraction_max: float = 0.6,
                           batch_size: int = 16, threads: int = 2, normalise: bool = True) -> SlideTiles:
@@ -58,21 +78,15 @@ def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1
     """
     spec = load_spec(series_dir)
     fractions, tumour = truth_grid(spec, tile_size * mpp)
-    tiles, positions = [], []
     with open_slide(series_dir) as slide:
-        survey = survey_slide(slide, reference)
-        if not normalise:
-            survey = replace(survey, normaliser=Unnormalised())
-        prepared = prepare_slide(slide, survey, tile_size, mpp)
-        for batch in tile_batches(prepared, batch_size, threads, white_fraction_max):
-            tiles.append(batch.tiles)
-            positions.extend(batch.positions)
+        tiles, positions, _ = read_slide_tiles(slide, tile_size, mpp, reference, white_fraction_max, batch_size,
+                                               threads, normalise)
     rows, cols = (np.array(positions, dtype=int).reshape(-1, 2).T if positions else (np.zeros(0, int),) * 2)
     # The slide's pixel grid may extend past the spec by a partial tile: clip to the truth grid.
     rows = np.minimum(rows, fractions.shape[0] - 1)
     cols = np.minimum(cols, fractions.shape[1] - 1)
     return SlideTiles(
-        tiles=np.concatenate(tiles) if tiles else np.zeros((0, tile_size, tile_size, 3), np.uint8),
+        tiles=tiles,
         class_fractions=fractions[rows, cols].astype(np.float32),
         tumour_fraction=tumour[rows, cols].astype(np.float32),
         positions=positions,

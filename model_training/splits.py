@@ -64,3 +64,17 @@ def patient_split(labels: dict[str, int], fractions: dict[str, float], seed: int
             out[name].extend(patients[start : start + n])
             start += n
     return {n: sorted(p) for n, p in out.items()}
+
+
+def split_datasets(tiles: TileSet, test: TileSet | None, seed: int) -> dict[str, TileSet]:
+    """``train`` / ``val`` / ``test`` tile sets split by patient (stratified).
+
+    With an independent ``test`` set (another centre), ``tiles`` is split 80/20 into train / val;
+    without one, 70/15/15 into train / val / test.
+    """
+    fractions = {"train": 0.8, "val": 0.2} if test is not None else {"train": 0.7, "val": 0.15, "test": 0.15}
+    split = patient_split(patient_labels(tiles), fractions, seed)
+    out = {name: tiles.of_patients(patients) for name, patients in split.items()}
+    if test is not None:
+        out["test"] = test
+    return out

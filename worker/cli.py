@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dicom_io.errors import SlideError
+from dicom_io.errors import AnnotationError, SlideError
 from model_training import cli as training_cli
 from worker.aggregate import CLASSES
 from worker import service_cli
@@ -64,6 +64,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     t = json.loads(truth.read_text())
     print(f"wrote {len(files)} pyramid levels to {args.out} (ground truth: {t['call']}, "
           + ", ".join(f"{c} {t['percentages'][c]:.1f} %" for c in CLASSES) + ")")
+    if getattr(args, "annotations", None):
+        from model_training.synthetic_dicom import write_synthetic_annotations
+
+        write_synthetic_annotations(args.out, args.annotations)
+        print(f"wrote its HER2 tumour outlines (Microscopy Bulk Simple Annotations) to {args.annotations}")
     return 0
 
 
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base level: 10x (1.0 um/px) or 40x (0.25 um/px)")
     p.add_argument("--centre", choices=["A", "B"], default="A", help="synthetic lab (B: other stain colour, blur)")
     p.add_argument("--patient-id", default="SYNTH-0001", help="PatientID written into the slide")
+    p.add_argument("--annotations", type=Path, help="also write the ground truth as a DICOM Microscopy Bulk Simple "
+                   "Annotations file (HER2 tumour outlines; input of `her2 train --data dicom-annotated`); keep it "
+                   "outside --out")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("score", help="score a DICOM WSI folder; write SR, SEG heatmap, overlay PNG",
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (SlideError, ModelCardError, ValidationError, FileNotFoundError) as exc:
+    except (SlideError, AnnotationError, ModelCardError, ValidationError, FileNotFoundError) as exc:
         print(f"her2: error: {exc}", file=sys.stderr)
         return 2
 
