@@ -43,7 +43,10 @@ from highdicom.ann import (
 )
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import MicroscopyBulkSimpleAnnotationsStorage, VLWholeSlideMicroscopyImageStorage
+from pydicom.uid import (
+    MicroscopyBulkSimpleAnnotationsStorage,
+    VLWholeSlideMicroscopyImageStorage,
+)
 
 from dicom_io.errors import AnnotationError
 from dicom_io.results import HER2_SCORE, HER2_SCORE_VALUES
@@ -248,9 +251,9 @@ def build_her2_annotations(source: Dataset, polygons: Mapping[str, Sequence[np.n
     kind = AnnotationCoordinateTypeValues(coordinate_type)
     if kind == AnnotationCoordinateTypeValues.SCOORD3D:
         transform = hd.spatial.ImageToReferenceTransformer.for_image(source, for_total_pixel_matrix=True)
-        convert = lambda p: transform(np.asarray(p, np.float64))  # noqa: E731
+        convert = lambda p: transform(np.asarray(p, np.float64))
     else:
-        convert = lambda p: np.asarray(p, np.float32)  # noqa: E731
+        convert = lambda p: np.asarray(p, np.float32)
     unknown = set(polygons) - set(CLASSES)
     if unknown:
         raise ValueError(f"polygons has keys {sorted(unknown)}, not HER2 classes {CLASSES}")

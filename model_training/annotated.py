@@ -25,9 +25,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dicom_io.annotations import AnnotatedSlide, Polygons, find_annotated_slides, her2_regions, read_annotations
+from dicom_io.annotations import (
+    AnnotatedSlide,
+    Polygons,
+    find_annotated_slides,
+    her2_regions,
+    read_annotations,
+)
 from dicom_io.errors import AnnotationError
-from dicom_io.wsi import open_slide
+from dicom_io.wsi import Slide, open_slide
 from model_training.regions import class_areas
 from model_training.slide_tiles import read_slide_tiles
 from model_training.splits import split_datasets
@@ -39,11 +45,11 @@ from worker.preprocessing import REFERENCE, StainReference
 SAMPLES_PER_TILE = 16
 
 
-def slide_regions(item: AnnotatedSlide, headers) -> Polygons:
+def slide_regions(item: AnnotatedSlide, slide: Slide) -> Polygons:
     """All HER2 outlines of a slide, from every ANN object that references it, in base-level pixels."""
     out: Polygons = {}
     for path in item.annotation_files:
-        for name, polys in her2_regions(read_annotations(path), headers, where=path.name).items():
+        for name, polys in her2_regions(read_annotations(path), slide.source_datasets, where=path.name).items():
             out.setdefault(name, []).extend(polys)
     return out
 
@@ -56,7 +62,7 @@ def annotated_slide_tileset(item: AnnotatedSlide, centre: str, tile_size: int = 
         patient = slide.identity.patient_id
         if not patient:
             raise AnnotationError(f"{item.name}: slide has no PatientID (patient-level splits need one)")
-        polygons = slide_regions(item, slide.source_datasets)
+        polygons = slide_regions(item, slide)
         tiles, positions, prepared = read_slide_tiles(slide, tile_size, mpp, reference, white_fraction_max,
                                                       threads=threads, normalise=normalise)
         level = prepared.level

@@ -19,7 +19,13 @@ from dicom_io.wsi import Slide, open_slide
 from model_training.synthetic import SlideSpec, truth_grid
 from model_training.synthetic_dicom import TRUTH_FILE
 from worker.preprocessing import REFERENCE, StainReference
-from worker.tiles import Position, PreparedSlide, prepare_slide, survey_slide, tile_batches
+from worker.tiles import (
+    Position,
+    PreparedSlide,
+    prepare_slide,
+    survey_slide,
+    tile_batches,
+)
 
 
 @dataclass

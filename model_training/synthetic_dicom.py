@@ -17,10 +17,17 @@ import numpy as np
 from pydicom.sr.codedict import codes
 
 from dicom_io.annotations import write_her2_annotations
+from dicom_io.errors import AnnotationError
 from dicom_io.wsi import open_slide
 from dicom_io.wsi_writer import SlideIdentity, write_wsi
 from model_training.regions import mask_outlines
-from model_training.synthetic import CLASSES, SlideSpec, render_region, slide_truth, truth_grid
+from model_training.synthetic import (
+    CLASSES,
+    SlideSpec,
+    render_region,
+    slide_truth,
+    truth_grid,
+)
 
 TRUTH_FILE = "ground_truth.json"
 #: Raster step (um) at which the generator's tumour classes are traced into outlines.
@@ -108,6 +115,9 @@ def write_synthetic_annotations(series_dir: Path, out_path: Path, coordinate_typ
     with open_slide(series_dir) as slide:
         source = slide.level_dataset(0)
     polygons = {c: [p / truth["base_mpp"] for p in polys] for c, polys in class_outlines(spec, step_um).items()}
+    if not polygons:
+        raise AnnotationError(f"{series_dir}: the synthetic slide has no tumour to outline (an annotation object "
+                              "needs at least one group)")
     write_her2_annotations(source, polygons, out_path, coordinate_type=coordinate_type, algorithm=GENERATOR,
                            description="Synthetic ground truth: tumour by HER2 IHC class")
     return Path(out_path)
