@@ -23,7 +23,7 @@ beyond the identifying UIDs and no patient attribute is ever logged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -74,8 +74,10 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
-#: ``on_spooled(study_uid, series_uid, series_folder)``, called after each instance is safely on disk.
-SpooledCallback = Callable[[str, str, Path], None]
+#: ``on_spooled(study_uid, series_uid, series_folder, association)``, called after each instance is safely on disk.
+SpooledCallback = Callable[[str, str, Path, Hashable], None]
+#: ``on_ended(association, released)``: the association's connection closed, after an A-RELEASE or not.
+EndedCallback = Callable[[Hashable, bool], None]
 
 #: Presentation context results (PS3.8 9.3.3.2) that explain a refusal in the log.
 _CONTEXT_RESULTS = {
@@ -89,9 +91,10 @@ _CONTEXT_RESULTS = {
 class StorageHandlers:
     """pynetdicom event handlers of the listener; they spool and hand off, nothing more."""
 
-    def __init__(self, spool_dir: Path, on_spooled: SpooledCallback) -> None:
+    def __init__(self, spool_dir: Path, on_spooled: SpooledCallback, on_ended: EndedCallback) -> None:
         self.spool_dir = Path(spool_dir)
         self.on_spooled = on_spooled
+        self.on_ended = on_ended
 
     def handle_echo(self, event: Event) -> int:
         """C-ECHO (PS3.4 A.4): always Success."""
@@ -126,8 +129,12 @@ class StorageHandlers:
             return OUT_OF_RESOURCES
         log.info("spooled instance %s of series %s from %s", sop_uid, series_uid,
                  event.assoc.requestor.ae_title)
-        self.on_spooled(study_uid, series_uid, path.parent)
+        self.on_spooled(study_uid, series_uid, path.parent, event.assoc)
         return SUCCESS
+
+    def handle_closed(self, event: Event) -> None:
+        """Connection closed: tell whether the association was released (PS3.8 7.2) or aborted/lost."""
+        self.on_ended(event.assoc, event.assoc.is_released)
 
     def handle_accepted(self, event: Event) -> None:
         """Log the refused presentation contexts with their reasons (e.g. a CT image: SOP class not supported)."""
@@ -149,6 +156,7 @@ class StorageHandlers:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_CONN_CLOSE, self.handle_closed),
         ]
 
 
@@ -167,12 +175,12 @@ def build_ae(ae_title: str, allowed_calling_aets: list[str], timeout: float, max
     return ae
 
 
-def start_listener(settings, on_spooled: SpooledCallback) -> ThreadedAssociationServer:
+def start_listener(settings, on_spooled: SpooledCallback, on_ended: EndedCallback) -> ThreadedAssociationServer:
     """Start the Storage SCP in background threads; ``server.shutdown()`` stops it.
 
     ``settings`` is a :class:`worker.settings.Settings` (network, AE and spool keys).
     """
-    handlers = StorageHandlers(settings.spool_dir, on_spooled)
+    handlers = StorageHandlers(settings.spool_dir, on_spooled, on_ended)
     ae = build_ae(settings.ae_title, settings.allowed_calling_aets, settings.dicom_timeout_seconds,
                   settings.max_associations)
     server = ae.start_server((settings.listen_host, settings.listen_port), block=False,

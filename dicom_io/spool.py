@@ -23,6 +23,8 @@ from dicom_io.uids import is_valid_uid
 COPY_CHUNK = 8 * 1024 * 1024
 #: Folder under the spool root holding partial files until their rename.
 INCOMING = ".incoming"
+#: Folder under the spool root with one marker per series an association is still storing into.
+RECEIVING = ".receiving"
 
 
 class SpoolPathError(ValueError):
@@ -97,6 +99,26 @@ def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: st
     path = folder / f"{checked_uid(sop_uid, 'SOPInstanceUID')}.dcm"
     copy_atomic(path, source, Path(spool_dir) / INCOMING)
     return path
+
+
+def remove_partial_files(spool_dir: Path) -> int:
+    """Delete what a process killed in the middle of a copy left in ``<spool>/.incoming``; returns how many.
+
+    Only the listener writes there, so at its start every file there is a leftover.
+    """
+    leftovers = [p for p in (Path(spool_dir) / INCOMING).glob("*") if p.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def receiving_marker(folder: Path) -> Path:
+    """Marker of a series folder (``<spool>/<study>/<series>``) that an association is storing into.
+
+    It outlives a killed listener, so a restarted one knows the series may be incomplete.
+    """
+    folder = Path(folder)
+    return folder.parent.parent / RECEIVING / folder.name
 
 
 def instance_uids(folder: Path) -> list[str]:

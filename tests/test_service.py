@@ -14,7 +14,15 @@ from pynetdicom import AE, evt
 from dicom_io.errors import SlideError
 from dicom_io.sender import Destination, Outbox
 from dicom_io.series_tracker import SeriesTracker
-from dicom_io.spool import INCOMING, SpoolPathError, instance_uids, spool_instance, write_atomic
+from dicom_io.spool import (
+    INCOMING,
+    RECEIVING,
+    SpoolPathError,
+    instance_uids,
+    remove_partial_files,
+    spool_instance,
+    write_atomic,
+)
 from worker import service
 from worker.jobs import FileJobStore, Job, JobState, content_key, dispatch_stable
 from worker.settings import load_settings
@@ -110,6 +118,37 @@ def test_rescan_tracks_spooled_series_and_skips_foreign_folders(tmp_path, receiv
     assert sorted(s.series_instance_uid for s in tracker.pop_stable()) == ["1.3", "1.5"]
 
 
+def test_series_waits_for_its_open_association_and_an_interrupted_one_for_a_resend(tmp_path, received):
+    clock = Clock()
+    tracker = SeriesTracker(stable_seconds=1, clock=clock)
+    folder = spool_instance(tmp_path, "1.2", "1.3", "1.4", received).parent
+    marker = tmp_path / RECEIVING / "1.3"
+    tracker.note("1.2", "1.3", folder, association="first")
+    clock.now += 5
+    assert tracker.pop_stable() == [] and marker.exists()  # the sender is still connected
+    tracker.association_ended("first", released=False)  # aborted: the series may be incomplete
+    clock.now += 5
+    assert tracker.pop_stable() == [] and tracker.held() == ["1.3"] and marker.exists()
+    tracker.note("1.2", "1.3", folder, association="resend")
+    tracker.association_ended("resend", released=True)
+    assert tracker.pop_stable() == []  # quiet period still counts from the last instance
+    clock.now += 1
+    assert [s.series_instance_uid for s in tracker.pop_stable()] == ["1.3"]
+    assert tracker.held() == [] and not marker.exists()
+
+
+def test_restarted_listener_holds_a_series_it_was_receiving_and_drops_partial_files(tmp_path, received):
+    folder = spool_instance(tmp_path, "1.2", "1.3", "1.4", received).parent
+    SeriesTracker(stable_seconds=1).note("1.2", "1.3", folder, association="killed with the listener")
+    (tmp_path / INCOMING / "incoming-x.part").write_bytes(b"half of an instance")
+    assert remove_partial_files(tmp_path) == 1 and list((tmp_path / INCOMING).iterdir()) == []
+    clock = Clock()
+    tracker = SeriesTracker(stable_seconds=1, clock=clock)
+    assert tracker.rescan(tmp_path) == 1
+    clock.now += 10
+    assert tracker.pop_stable() == [] and tracker.held() == ["1.3"]
+
+
 def test_content_key_depends_on_the_set_of_instances_only():
     assert content_key("1.2", ["1.3", "1.4"]) == content_key("1.2", ["1.4", "1.3"])
     assert content_key("1.2", ["1.3"]) != content_key("1.2", ["1.3", "1.4"])
@@ -184,6 +223,12 @@ def test_bad_input_fails_at_once_with_the_reason(settings, monkeypatch):
     store, sleeps = FileJobStore(settings.state_dir), []
     assert service.run_with_retries(Job("/x", "1.2.4"), settings, store, sleep=sleeps.append) is JobState.FAILED
     assert sleeps == [] and store.get_status("1.2.4").reason == "not scorable: level-0.dcm: truncated file"
+
+
+def test_visibility_timeout_outlasts_the_time_limit_and_the_retry_backoff_unless_set():
+    assert load_settings(task_time_limit=2100, task_retry_backoff_max=600).visibility_timeout == 2160
+    assert load_settings(task_time_limit=60, task_retry_backoff_max=900).visibility_timeout == 960
+    assert load_settings(broker_visibility_timeout=5).visibility_timeout == 5
 
 
 def test_celery_task_is_configured_for_at_least_once_delivery():

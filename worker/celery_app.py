@@ -5,8 +5,11 @@ guarantees follow Celery's guidance for long, idempotent jobs: a task is
 acknowledged only after it finished (``acks_late``), a worker that dies mid-slide
 gives its message back (``task_reject_on_worker_lost``), and a worker reserves
 one message at a time (``worker_prefetch_multiplier = 1``). Redis redelivers an
-unacknowledged message after ``visibility_timeout``, set just above the hard
-time limit so a running slide is never handed out twice.
+unacknowledged message after ``visibility_timeout``
+(:attr:`worker.settings.Settings.visibility_timeout`), set just above the hard
+time limit and the longest retry backoff so a running or waiting slide is never
+handed out twice. A worker sweeps for such messages when it starts and then
+about every 100 s (kombu's ``unacked_restore_interval`` x ``unacked_restore_throttle``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def make_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
-        broker_transport_options={"visibility_timeout": settings.task_time_limit + 60},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
         task_serializer="json",
         result_serializer="json",

@@ -197,8 +197,11 @@ def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
     from dicom_io.errors import SlideError
     from worker.pipeline import score_slide
 
+    def progress(done: int, total: int) -> None:
+        store.set_status(job.series_instance_uid, JobState.RUNNING, f"scoring: {done} of {total} tissue tiles read")
+
     store.set_status(job.series_instance_uid, JobState.RUNNING)
-    result = score_slide(Path(job.series_dir), settings)
+    result = score_slide(Path(job.series_dir), settings, progress=progress)
     if result.source.series_instance_uid != job.series_instance_uid:
         raise SlideError(f"spool folder of series {job.series_instance_uid} holds series "
                          f"{result.source.series_instance_uid}")

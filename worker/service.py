@@ -16,6 +16,7 @@ import time
 from dicom_io.errors import SlideError
 from dicom_io.listener import start_listener
 from dicom_io.series_tracker import SeriesTracker
+from dicom_io.spool import remove_partial_files
 from worker.jobs import Enqueue, Job, JobState, JobStore, dispatch_stable, run_job, start_outbox_flusher
 from worker.settings import Settings
 
@@ -24,11 +25,16 @@ log = logging.getLogger(__name__)
 
 def run_listener(settings: Settings, store: JobStore, enqueue: Enqueue, stop: threading.Event) -> None:
     """Serve C-STORE/C-ECHO and queue one job per stable series until ``stop`` is set."""
+    removed = remove_partial_files(settings.spool_dir)
+    if removed:
+        log.warning("removed %d partial file(s) left in the spool by a stopped listener", removed)
     tracker = SeriesTracker(settings.stable_seconds)
     found = tracker.rescan(settings.spool_dir)
     if found:
         log.info("%d series already in the spool are tracked again", found)
-    server = start_listener(settings, lambda study, series, folder: tracker.note(study, series, folder))
+    for series in tracker.held():
+        log.warning("series %s was being received when the listener stopped; held until it is sent again", series)
+    server = start_listener(settings, tracker.note, tracker.association_ended)
     tick = min(1.0, settings.stable_seconds / 4)
     try:
         while not stop.wait(tick):

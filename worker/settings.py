@@ -88,12 +88,26 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(2100, ge=1, description="Seconds before a slide job is killed.")
     task_max_retries: int = Field(5, ge=0, description="Retries before a job is parked with its reason.")
     task_retry_backoff_max: int = Field(600, ge=1, description="Upper bound in seconds of the exponential retry backoff.")
+    broker_visibility_timeout: int | None = Field(
+        None,
+        ge=1,
+        description="Seconds after which Redis hands a job whose worker died (never acknowledged) to another "
+        "worker. Unset = max(task_time_limit, task_retry_backoff_max) + 60: shorter would hand a slide that is "
+        "still being scored, or a retry still waiting for its backoff, to a second worker.",
+    )
     state_redis_url: str = Field(
         "redis://127.0.0.1:6379/2", description="Redis holding job status and the one-job-per-series claims."
     )
     state_dir: Path = Field(
         Path("state"), description="Job status and claims in embedded mode (`her2 serve --embedded`, no Redis)."
     )
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Effective ``broker_visibility_timeout`` (see its description)."""
+        if self.broker_visibility_timeout is not None:
+            return self.broker_visibility_timeout
+        return max(self.task_time_limit, self.task_retry_backoff_max) + 60
 
 
 def _read_file(path: Path) -> dict[str, Any]:
