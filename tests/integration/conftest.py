@@ -50,8 +50,8 @@ class Stack:
         wait_until(lambda: server.check_alive() or port_open(self.listener_port), 60, "the embedded server's port")
         return server
 
-    def start_worker(self, **extra: str) -> Server:
-        server = Server("her2 worker", her2("worker", "--pool", "solo", "--hostname", f"her2-{self.listener_port}@%h"),
+    def start_worker(self, pool: str = "solo", **extra: str) -> Server:
+        server = Server("her2 worker", her2("worker", "--pool", pool, "--hostname", f"her2-{self.listener_port}@%h"),
                         self.root / "worker.log", self.env(**extra)).start()
         self.servers.append(server)
         wait_until(lambda: server.check_alive() or "ready." in server.log(), 90, "the Celery worker to be ready")
@@ -88,6 +88,14 @@ def _started_stack(root: Path, redis: Redis):
 def stack(tmp_path, redis_server):
     """Fresh Orthanc routing to our listener, flushed Redis; the test starts listener and worker itself."""
     yield from _started_stack(tmp_path, redis_server)
+
+
+@pytest.fixture
+def persistent_stack(tmp_path):
+    """Like ``stack`` but with its own redis-server, append-only as in production, that a test may restart."""
+    server = Redis(tmp_path / "redis", appendonly=True).start()
+    yield from _started_stack(tmp_path, server)
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -104,11 +104,14 @@ class Server:
 
 
 class Redis(Server):
-    def __init__(self, root: Path) -> None:
+    """redis-server; ``appendonly`` keeps every acknowledged write across a restart, as production needs."""
+
+    def __init__(self, root: Path, appendonly: bool = False) -> None:
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
         super().__init__("redis-server", [binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                          "--save", "", "--appendonly", "no", "--dir", str(root)],
+                                          "--save", "", "--appendonly", "yes" if appendonly else "no",
+                                          "--dir", str(root)],
                          root / "redis.log")
 
     def url(self, db: int) -> str:
