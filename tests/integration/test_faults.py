@@ -221,7 +221,7 @@ def test_listener_killed_mid_transfer_scores_the_resent_slide_once_with_all_inst
     big_first = sorted(files, key=lambda p: -p.stat().st_size)
     assert assoc.send_c_store(pydicom.dcmread(big_first[1])).Status == 0x0000
     assert "Status" not in assoc.send_c_store(pydicom.dcmread(big_first[0]))  # no answer: the listener died
-    assert listener.proc.returncode == -signal.SIGKILL and len(pdus_of_second) == 3
+    assert listener.proc.returncode == -signal.SIGKILL and len(pdus_of_second) >= 3
     assoc.abort()
     assert [p.stem for p in series_dir.glob("*.dcm")] == [pydicom.dcmread(big_first[1]).SOPInstanceUID]
 
