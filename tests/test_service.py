@@ -241,6 +241,7 @@ def test_celery_task_is_configured_for_at_least_once_delivery():
     assert score_slide.name == "her2.score_slide"
     assert score_slide.autoretry_for == (Exception,) and score_slide.dont_autoretry_for == (SlideError,)
     assert score_slide.retry_backoff is True
+    assert score_slide.retry_on_worker_lost is True  # a pool child that dies every time ends parked
 
 
 def test_celery_task_records_failed_and_parked(tmp_path):

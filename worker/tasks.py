@@ -5,11 +5,18 @@
 is not retried: the job is marked *failed* with the one-line reason. A job
 that still fails after its last retry is *parked* with its reason. Both are
 visible with ``her2 status <series uid>``; nothing is dropped silently.
+
+A prefork pool child that dies mid-slide (killed, out of memory) counts as a
+failed attempt too (``retry_on_worker_lost``): the worker's main process
+retries the job after a short delay and parks it after the last retry, so a
+slide that kills its child every time is not requeued forever.
 """
 
 from __future__ import annotations
 
+from billiard.exceptions import WorkerLostError
 from celery import Task
+from celery.signals import task_failure
 
 from dicom_io.errors import SlideError
 from worker.celery_app import app
@@ -56,7 +63,16 @@ class SlideTask(Task):
     retry_backoff=True,
     retry_backoff_max=_settings.task_retry_backoff_max,
     retry_jitter=True,
+    retry_on_worker_lost=True,
+    default_retry_delay=min(60, _settings.task_retry_backoff_max),  # after a lost pool child
 )
 def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str) -> str:
     """Score the spooled series and send its results; returns the final job state."""
     return run_job(Job(series_dir, series_instance_uid), _settings, self.store).value
+
+
+@task_failure.connect
+def _park_after_lost_workers(sender: Task, exception: BaseException, args, **_: object) -> None:
+    """The last attempt's pool child died: Celery reports it in the main process, where ``on_failure`` is not called."""
+    if sender.name == score_slide.name and isinstance(exception, WorkerLostError):
+        sender.on_failure(exception, None, args, {}, None)

@@ -144,23 +144,41 @@ def test_worker_killed_mid_slide_is_redelivered_and_its_results_stored_once(stac
     assert broker(stack).llen("celery") == 0 and broker(stack).hlen("unacked") == 0
 
 
-def test_pool_child_killed_mid_slide_is_requeued_at_once(stack, slide, tmp_path):
+def kill_pool_child_mid_slide(stack, worker, series_uid: str) -> None:
+    wait_until(lambda: mid_slide(stack, series_uid), JOB_TIMEOUT, "the pool child to be scoring the slide",
+               interval=0.02)
+    pid = worker.proc.pid
+    (child,) = map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    os.kill(child, signal.SIGKILL)
+    wait_until(lambda: stack.job_state(series_uid) != "running", 30, "the main process to see its child die")
+
+
+def test_pool_child_killed_mid_slide_is_retried_and_parked_if_it_dies_every_time(stack, slide, tmp_path):
     files, truth = copy_slide(slide[0], tmp_path / "slide", "KILLED-2"), slide[1]
     series = header(files).SeriesInstanceUID
     stack.start_listener()
     worker = stack.start_worker(pool="prefork", **PER_TILE)  # default visibility timeout: 2160 s
     send(stack, files)
-    wait_until(lambda: mid_slide(stack, series), JOB_TIMEOUT, "the pool child to be scoring the slide",
-               interval=0.02)
-    (child,) = map(int, Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split())
-    os.kill(child, signal.SIGKILL)
-
-    wait_done(stack, series)  # long before 2160 s: task_reject_on_worker_lost requeued it at once
+    kill_pool_child_mid_slide(stack, worker, series)
+    # The main process retries it (after min(60, task_retry_backoff_max) = 2 s), long before 2160 s.
+    wait_done(stack, series)
     assert worker.proc.poll() is None
-    assert "WorkerLostError" in worker.log()
+    assert "retry: Retry in 2s: WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL)" in worker.log()
     assert_one_result_set(stack, files, truth)
     assert times_scored(stack, series) == 1
-    assert broker(stack).llen("celery") == 0 and broker(stack).hlen("unacked") == 0
+
+    # A slide whose child dies on every attempt (e.g. out of memory) is parked after its last retry.
+    poison = copy_slide(slide[0], tmp_path / "poison", "KILLED-3")
+    poison_series = header(poison).SeriesInstanceUID
+    send(stack, poison)
+    for attempt in range(3):  # the first attempt and task_max_retries = 2 retries
+        kill_pool_child_mid_slide(stack, worker, poison_series)
+    wait_until(lambda: stack.job_state(poison_series) == "parked", 30, "the job to be parked")
+    assert stack.job(poison_series)["reason"].startswith(
+        "gave up after 2 retries: WorkerLostError: Worker exited prematurely: signal 9 (SIGKILL)")
+    assert results_in_study(stack.orthanc, header(poison).StudyInstanceUID) == {}
+    wait_until(lambda: broker(stack).hlen("unacked") == 0, 10, "the last attempt's message to be acknowledged")
+    assert broker(stack).llen("celery") == 0
 
 
 def restart_redis(stack) -> None:
