@@ -368,12 +368,18 @@ def _finding_sites(scored_level: Dataset) -> list[hd.sr.FindingSite] | None:
 
 def _check_sources(source_instances: Sequence[Dataset], scored_level: Dataset) -> None:
     if not source_instances:
-        raise ValueError("source_instances is empty: the SR needs the source slide's instances as evidence")
+        raise ValueError("source_instances is empty: results need the source slide's instances (evidence and UIDs)")
     series = {ds.SeriesInstanceUID for ds in source_instances}
     if len(series) != 1:
         raise ValueError(f"source_instances come from {len(series)} series ({sorted(series)}); expected one")
     if scored_level.SOPInstanceUID not in {ds.SOPInstanceUID for ds in source_instances}:
         raise ValueError(f"scored level {scored_level.SOPInstanceUID} is not one of source_instances")
+
+
+def _result_uids(source_instances: Sequence[Dataset], algorithm: AlgorithmInfo) -> ResultUIDs:
+    """Result UIDs of this model version on exactly these source instances (:func:`dicom_io.uids.result_uids`)."""
+    return result_uids(source_instances[0].SeriesInstanceUID, (ds.SOPInstanceUID for ds in source_instances),
+                       algorithm.name, algorithm.version)
 
 
 def build_sr(
@@ -404,8 +410,9 @@ def build_sr(
 
     Patient, study and specimen identity are copied from the source
     (highdicom copies them from ``source_instances[0]``); Series and SOP
-    Instance UIDs come from :func:`dicom_io.uids.result_uids` so that a retried
-    job produces the same instance.
+    Instance UIDs come from :func:`dicom_io.uids.result_uids` (source series,
+    its scored instances, model version) so that a retried job produces the
+    same instance.
 
     Parameters
     ----------
@@ -433,7 +440,7 @@ def build_sr(
     """
     _check_sources(source_instances, scored_level)
     _check_inputs(scored_level, score)
-    uids = result_uids(scored_level.SeriesInstanceUID, algorithm.name, algorithm.version)
+    uids = _result_uids(source_instances, algorithm)
     algorithm_id = algorithm.identification()
 
     observation_context = hd.sr.ObservationContext(
@@ -564,7 +571,9 @@ def heatmap_array(score: SlideScore) -> np.ndarray:
     return probabilities[np.newaxis]
 
 
-def build_heatmap(scored_level: Dataset, score: SlideScore, algorithm: AlgorithmInfo) -> hd.seg.Segmentation:
+def build_heatmap(
+    source_instances: Sequence[Dataset], scored_level: Dataset, score: SlideScore, algorithm: AlgorithmInfo
+) -> hd.seg.Segmentation:
     """Build the per-tile class-probability heatmap as a FRACTIONAL Segmentation.
 
     One segment per tile class (segment k+1 = ``CLASSES[k]``, labelled
@@ -588,8 +597,10 @@ def build_heatmap(scored_level: Dataset, score: SlideScore, algorithm: Algorithm
 
     Parameters
     ----------
+    source_instances: Sequence[pydicom.Dataset]
+        Metadata of every instance of the source VL WSM series (their UIDs name the results).
     scored_level: pydicom.Dataset
-        The graded VL Whole Slide Microscopy Image instance (metadata only).
+        The graded VL Whole Slide Microscopy Image instance (metadata only), one of ``source_instances``.
     score: SlideScore
         Its score; ``score.probabilities`` is (rows, cols, 4), NaN for unscored tiles.
     algorithm: AlgorithmInfo
@@ -603,11 +614,13 @@ def build_heatmap(scored_level: Dataset, score: SlideScore, algorithm: Algorithm
     Raises
     ------
     ValueError
-        When the scored level lacks spatial attributes or the score does not fit its grid.
+        When the sources are empty or from several series, the scored level is
+        not among them or lacks spatial attributes, or the score does not fit its grid.
 
     """
+    _check_sources(source_instances, scored_level)
     grid = _check_inputs(scored_level, score)
-    uids: ResultUIDs = result_uids(scored_level.SeriesInstanceUID, algorithm.name, algorithm.version)
+    uids = _result_uids(source_instances, algorithm)
     row_spacing, col_spacing = _level_spacing(scored_level)
     measures = scored_level.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     thickness = measures.get("SliceThickness")

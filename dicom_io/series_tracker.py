@@ -11,8 +11,9 @@ connection, PS3.8 7.3 and 7.4; or the listener killed, seen at the next start
 through the series' ``.receiving`` marker) may have left its series
 incomplete. Such a series is *held* until an association storing into it again
 ends with a release, as a sender retrying the transfer does: scoring the part
-that arrived would give a result that the complete slide cannot replace
-(result UIDs derive from the series). The tracker only keeps this state;
+that arrived would put a result for a partial slide into the PACS beside the
+complete slide's (result UIDs derive from the scored instances, so the later
+result cannot replace it). The tracker only keeps this state;
 deciding whether a stable series becomes a job (one job per series content)
 is :mod:`worker.jobs`'s business.
 """

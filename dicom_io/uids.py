@@ -2,8 +2,8 @@
 
 A retried job must re-send the *same* SR and SEG instances, not duplicates, so
 every UID the worker mints is derived from what identifies the job: the source
-Series Instance UID and the model name and version (see "Identity and
-idempotency" in the design notes).
+Series Instance UID, the set of its SOP Instance UIDs that was scored, and the
+model name and version (see "Identity and idempotency" in the design notes).
 
 UIDs are UUID-derived (PS3.5 B.2, ISO/IEC 9834-8): ``2.25.<decimal UUID>``,
 where the UUID is a name-based version 5 UUID (RFC 4122 4.3, SHA-1) of the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 #: Namespace of every UID this project derives; changing it changes every result UID.
@@ -86,7 +87,7 @@ def is_valid_uid(uid: str) -> bool:
 
 @dataclass(frozen=True)
 class ResultUIDs:
-    """UIDs of the result objects of one (source series, model version) job.
+    """UIDs of the result objects of one (source series content, model version) job.
 
     The SR and the SEG are in separate series: a series holds one modality
     (PS3.3 C.7.3.1, Modality "SR" vs "SEG"), and viewers expect all instances
@@ -116,13 +117,26 @@ class ResultUIDs:
     device: str
 
 
-def result_uids(source_series_uid: str, model_name: str, model_version: str) -> ResultUIDs:
-    """Derive all result UIDs for one job.
+def result_uids(
+    source_series_uid: str, source_instance_uids: Iterable[str], model_name: str, model_version: str
+) -> ResultUIDs:
+    """Derive all result UIDs for one job: one model version on one version of a series' content.
+
+    A retried job (same instances, same model) gets the same UIDs, so the
+    PACS receives the same objects again instead of duplicates. A series that
+    gained or lost instances after it was scored is different content: its
+    results are new objects (new UIDs) rather than different content under
+    the UIDs of the earlier results, which a PACS keeping the first copy of an
+    instance (Orthanc's default) would silently ignore (PS3.3 C.12.1.1.1: a
+    SOP Instance UID identifies one instance).
 
     Parameters
     ----------
     source_series_uid: str
         Series Instance UID of the scored VL Whole Slide Microscopy series.
+    source_instance_uids: Iterable[str]
+        SOP Instance UIDs of every instance of that series that was scored
+        (order and repeats do not matter).
     model_name: str
         Name of the scoring model.
     model_version: str
@@ -131,22 +145,28 @@ def result_uids(source_series_uid: str, model_name: str, model_version: str) -> 
     Returns
     -------
     ResultUIDs
-        The same inputs always give the same UIDs; another model version or
-        another source series gives different ones (the device UID depends on
-        the model only).
+        The same inputs always give the same UIDs; another model version,
+        another source series or another set of its instances gives different
+        ones (the device UID depends on the model only).
 
     Raises
     ------
     ValueError
-        When ``source_series_uid`` is not a valid UID or the model name or
-        version is empty.
+        When ``source_series_uid`` or a source instance UID is not a valid
+        UID, no instance is given, or the model name or version is empty.
 
     """
     if not is_valid_uid(source_series_uid):
         raise ValueError(f"source Series Instance UID {source_series_uid!r} is not a valid DICOM UID")
     if not model_name or not model_version:
         raise ValueError(f"model name and version must be non-empty (got {model_name!r}, {model_version!r})")
-    job = (source_series_uid, model_name, model_version)
+    instances = sorted(set(source_instance_uids))
+    if not instances:
+        raise ValueError("source_instance_uids is empty: results derive from the scored instances")
+    bad = [uid for uid in instances if not is_valid_uid(uid)]
+    if bad:
+        raise ValueError(f"source SOP Instance UID {bad[0]!r} is not a valid DICOM UID")
+    job = (source_series_uid, derived_uid("content", *instances), model_name, model_version)
     return ResultUIDs(
         sr_series=derived_uid("sr-series", *job),
         sr=derived_uid("sr-instance", *job),

@@ -196,17 +196,27 @@ def test_derived_uids_are_valid_deterministic_and_unambiguous():
     assert not is_valid_uid("1." * 40 + "1") and not is_valid_uid(None)  # type: ignore[arg-type]
 
 
-def test_result_uids_depend_on_series_and_model_version():
-    a = result_uids(SERIES_UID, "m", "1")
-    assert a == result_uids(SERIES_UID, "m", "1")
+INSTANCES = ["1.2.3.1", "1.2.3.2"]
+
+
+def test_result_uids_depend_on_series_content_and_model_version():
+    a = result_uids(SERIES_UID, INSTANCES, "m", "1")
+    assert a == result_uids(SERIES_UID, INSTANCES[::-1] + INSTANCES[:1], "m", "1")  # order and repeats ignored
     values = [a.sr_series, a.sr, a.seg_series, a.seg, a.device]
     assert all(is_valid_uid(v) for v in values) and len(set(values)) == 5
-    b = result_uids(SERIES_UID, "m", "2")
+    b = result_uids(SERIES_UID, INSTANCES, "m", "2")
     assert not {a.sr_series, a.sr, a.seg_series, a.seg, a.device} & {b.sr_series, b.sr, b.seg_series, b.seg, b.device}
-    c = result_uids(SERIES_UID + ".9", "m", "1")
+    c = result_uids(SERIES_UID + ".9", INSTANCES, "m", "1")
     assert c.sr != a.sr and c.seg != a.seg and c.device == a.device
+    # A series that gained an instance after it was scored is new content: new objects, same device.
+    grown = result_uids(SERIES_UID, INSTANCES + ["1.2.3.3"], "m", "1")
+    assert {grown.sr_series, grown.sr, grown.seg_series, grown.seg}.isdisjoint(values) and grown.device == a.device
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
-        result_uids("1.2.3/../x", "m", "1")
+        result_uids("1.2.3/../x", INSTANCES, "m", "1")
+    with pytest.raises(ValueError, match="'1.2.03' is not a valid DICOM UID"):
+        result_uids(SERIES_UID, ["1.2.03"], "m", "1")
+    with pytest.raises(ValueError, match="source_instance_uids is empty"):
+        result_uids(SERIES_UID, [], "m", "1")
 
 
 # --- SR -------------------------------------------------------------------------------------------
@@ -318,7 +328,7 @@ def test_sr_copies_identity_and_references_source(source, level):
     assert report.content.get_observer_contexts()  # device observer present
     # Contributing equipment: the model with its per-version Device UID (IHE AI Results).
     equipment = [e for e in sr.ContributingEquipmentSequence if e.get("ManufacturerModelName") == ALGORITHM.name]
-    assert equipment and equipment[0].DeviceUID == result_uids(SERIES_UID, ALGORITHM.name, ALGORITHM.version).device
+    assert equipment and equipment[0].DeviceUID == result_uids(SERIES_UID, [ds.SOPInstanceUID for ds in source], ALGORITHM.name, ALGORITHM.version).device
     assert ALGORITHM.version in equipment[0].SoftwareVersions
 
 
@@ -345,6 +355,11 @@ def test_sr_uids_are_idempotent(source, level):
     other = AlgorithmInfo(name=ALGORITHM.name, version="1.3.0", software_version="0.1.0")
     c = build_sr(source, level, make_score(SlideCall.ONE), other)
     assert c.SOPInstanceUID != a.SOPInstanceUID and c.SeriesInstanceUID != a.SeriesInstanceUID
+    # Scored before its last level arrived: that result is another object than the complete series' one.
+    partial = build_sr(source[:2], level, make_score(SlideCall.ONE), ALGORITHM)
+    assert partial.SOPInstanceUID != a.SOPInstanceUID and partial.SeriesInstanceUID != a.SeriesInstanceUID
+    partial_seg = build_heatmap(source[:2], level, make_score(SlideCall.ONE), ALGORITHM)
+    assert partial_seg.SOPInstanceUID != build_heatmap(source, level, make_score(SlideCall.ONE), ALGORITHM).SOPInstanceUID
 
 
 def test_sr_refuses_bad_input(source, level):
@@ -365,13 +380,13 @@ def test_sr_refuses_bad_input(source, level):
 # --- heatmap SEG ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def heatmap(level):
+def heatmap(source, level):
     score = make_score(SlideCall.TWO, seed=3)
-    seg = build_heatmap(level, score, ALGORITHM)
+    seg = build_heatmap(source, level, score, ALGORITHM)
     return score, seg, roundtrip(seg)
 
 
-def test_heatmap_geometry(level, heatmap):
+def test_heatmap_geometry(source, level, heatmap):
     score, _, ds = heatmap
     assert ds.SOPClassUID == pydicom.uid.SegmentationStorage
     assert ds.FrameOfReferenceUID == level.FrameOfReferenceUID
@@ -385,7 +400,7 @@ def test_heatmap_geometry(level, heatmap):
     assert spacing == pytest.approx([TILE * SPACING_MM] * 2)
     for keyword in ("PatientID", "PatientName", "StudyInstanceUID"):
         assert ds[keyword].value == level[keyword].value
-    uids = result_uids(SERIES_UID, ALGORITHM.name, ALGORITHM.version)
+    uids = result_uids(SERIES_UID, [ds.SOPInstanceUID for ds in source], ALGORITHM.name, ALGORITHM.version)
     assert ds.SeriesInstanceUID == uids.seg_series and ds.SOPInstanceUID == uids.seg
     assert ds.SeriesInstanceUID not in (SERIES_UID, uids.sr_series)
     assert "not for clinical use" in ds.SeriesDescription.lower()
@@ -418,23 +433,23 @@ def test_heatmap_pixels_sit_on_tile_centres(level, heatmap):
     assert np.allclose(frame1(np.array([[0, 0]])), centres[:1], atol=1e-6)
 
 
-def test_heatmap_is_readable_from_file_and_idempotent(level, heatmap, tmp_path):
+def test_heatmap_is_readable_from_file_and_idempotent(source, level, heatmap, tmp_path):
     score, seg, _ = heatmap
     path = tmp_path / "heatmap.dcm"
     seg.save_as(path, enforce_file_format=True)
     again = hd.seg.segread(path)
     assert again.number_of_segments == 4
-    other = build_heatmap(level, score, ALGORITHM)
+    other = build_heatmap(source, level, score, ALGORITHM)
     assert (other.SOPInstanceUID, other.SeriesInstanceUID) == (seg.SOPInstanceUID, seg.SeriesInstanceUID)
-    changed = build_heatmap(level, score, AlgorithmInfo(name=ALGORITHM.name, version="9", software_version="x"))
+    changed = build_heatmap(source, level, score, AlgorithmInfo(name=ALGORITHM.name, version="9", software_version="x"))
     assert changed.SOPInstanceUID != seg.SOPInstanceUID
 
 
-def test_heatmap_refuses_mismatched_arrays(level):
+def test_heatmap_refuses_mismatched_arrays(source, level):
     score = make_score(SlideCall.ONE)
     score.probabilities = score.probabilities[:, :3]
     with pytest.raises(ValueError, match="probabilities has shape"):
-        build_heatmap(level, score, ALGORITHM)
+        build_heatmap(source, level, score, ALGORITHM)
 
 
 # --- third-party validation (dciodvfy) -------------------------------------------------------------
@@ -443,7 +458,7 @@ def test_heatmap_refuses_mismatched_arrays(level):
 def test_dciodvfy_finds_no_errors(source, level, tmp_path, kind):
     """dicom3tools' IOD validator reports no errors (warnings: the local 99HER2 scheme, Device UID)."""
     score = make_score(SlideCall.TWO)
-    ds = build_sr(source, level, score, ALGORITHM) if kind == "sr" else build_heatmap(level, score, ALGORITHM)
+    ds = build_sr(source, level, score, ALGORITHM) if kind == "sr" else build_heatmap(source, level, score, ALGORITHM)
     path = tmp_path / f"{kind}.dcm"
     ds.save_as(path, enforce_file_format=True)
     result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
@@ -453,14 +468,14 @@ def test_dciodvfy_finds_no_errors(source, level, tmp_path, kind):
     assert not errors, report
 
 
-def test_multi_frame_heatmap_frames_sit_on_their_tiles(level):
+def test_multi_frame_heatmap_frames_sit_on_their_tiles(source, level):
     """A heatmap wider than one frame: every frame's Plane Position is the centre of its first tile."""
     grid = TileGrid(rows=600, cols=700, tile_size=2, pixel_spacing_mm=(SPACING_MM, SPACING_MM))
     probabilities = np.full((grid.rows, grid.cols, len(CLASSES)), 0.25, np.float32)
     score = SlideScore(call=SlideCall.ONE, percentages={c: 25.0 for c in CLASSES}, grid=grid,
                        probabilities=probabilities, tumour_fraction=np.ones((grid.rows, grid.cols), np.float32),
                        scored=np.ones((grid.rows, grid.cols), bool))
-    ds = roundtrip(build_heatmap(level, score, ALGORITHM))
+    ds = roundtrip(build_heatmap(source, level, score, ALGORITHM))
     assert (ds.Rows, ds.Columns) == (512, 512) and (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == (600, 700)
     src = hd.spatial.ImageToReferenceTransformer.for_image(level, for_total_pixel_matrix=True)
     seen = set()

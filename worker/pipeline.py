@@ -86,7 +86,7 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
                                   software_version=software_version())
         datasets = [build_sr(slide.source_datasets, level_ds, score, algorithm)]
         if score.scored.any():
-            datasets.append(build_heatmap(level_ds, score, algorithm))
+            datasets.append(build_heatmap(slide.source_datasets, level_ds, score, algorithm))
         source = slide.identity
     stats["seconds"] = time.perf_counter() - started
     stats.update({f"qc_{k}": v for k, v in quality.measures.items()})

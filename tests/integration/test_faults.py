@@ -96,7 +96,8 @@ def assert_one_result_set(stack, files: list[Path], truth: dict) -> None:
     """The slide's study in Orthanc holds one SR and one SEG, with the derived UIDs, and nothing else."""
     source = header(files)
     card = load_model_card(Path(os.environ.get("HER2_MODEL_PATH", DEFAULT_MODEL)))
-    uids = result_uids(source.SeriesInstanceUID, card.name, card.version)
+    instances = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    uids = result_uids(source.SeriesInstanceUID, instances, card.name, card.version)
     results = results_in_study(stack.orthanc, source.StudyInstanceUID)
     check_results(stack.orthanc, results, files, truth)
     assert sorted(results) == ["SEG", "SR"]
