@@ -9,7 +9,9 @@ A pynetdicom Application Entity that accepts, as SCP only:
 
 Any other SOP class (a CT image, say) is not negotiated: its presentation
 context is refused with result "abstract syntax not supported" (PS3.8 9.3.3.2)
-and the refusal is logged. Associations from a calling AE title outside
+and the refusal is logged. With ``listen_tls`` the SCP speaks DICOM TLS only
+(PS3.15 B.1, :mod:`dicom_io.tls`): callers without TLS or without a trusted
+certificate are dropped at the handshake. Associations from a calling AE title outside
 ``allowed_calling_aets`` are rejected with A-ASSOCIATE-RJ (rejected-permanent,
 service-user, "calling AE title not recognized"; PS3.8 7.1.1.9), and so are
 calls addressed to another called AE title than ours.
@@ -23,6 +25,7 @@ beyond the identifying UIDs and no patient attribute is ever logged.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
@@ -48,6 +51,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.spool import SpoolPathError, spool_instance
+from dicom_io.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +179,27 @@ def build_ae(ae_title: str, allowed_calling_aets: list[str], timeout: float, max
     return ae
 
 
+def listener_tls_context(settings) -> ssl.SSLContext | None:
+    """The Storage SCP's TLS context when ``listen_tls`` is set (PS3.15 B.1), else None (plain TCP)."""
+    if not settings.listen_tls:
+        return None
+    return server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file,
+                          settings.tls_require_client_cert, settings.dicom_timeout_seconds)
+
+
 def start_listener(settings, on_spooled: SpooledCallback, on_ended: EndedCallback) -> ThreadedAssociationServer:
     """Start the Storage SCP in background threads; ``server.shutdown()`` stops it.
 
-    ``settings`` is a :class:`worker.settings.Settings` (network, AE and spool keys).
+    ``settings`` is a :class:`worker.settings.Settings` (network, AE, TLS and spool keys).
     """
     handlers = StorageHandlers(settings.spool_dir, on_spooled, on_ended)
     ae = build_ae(settings.ae_title, settings.allowed_calling_aets, settings.dicom_timeout_seconds,
                   settings.max_associations)
+    tls = listener_tls_context(settings)
     server = ae.start_server((settings.listen_host, settings.listen_port), block=False,
-                             evt_handlers=handlers.bindings())
-    log.info("listening as %s on %s:%d (spool %s)", settings.ae_title, *server.server_address[:2],
+                             evt_handlers=handlers.bindings(), ssl_context=tls)
+    mode = "plain TCP" if tls is None else \
+        f"TLS, client certificate {'required' if settings.tls_require_client_cert else 'not required'}"
+    log.info("listening as %s on %s:%d (%s; spool %s)", settings.ae_title, *server.server_address[:2], mode,
              settings.spool_dir)
     return server

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import io
 import logging
+import ssl
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_io.spool import checked_uid, write_atomic
+from dicom_io.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,17 @@ class Destination:
     ae_title: str
     calling_ae_title: str
     timeout: float
+    #: ``(context, server_hostname)`` for DICOM TLS (PS3.15 B.1), or None for plain TCP.
+    tls_args: tuple[ssl.SSLContext, str] | None = None
 
     @classmethod
     def from_settings(cls, settings) -> Destination:
+        tls_args = None
+        if settings.destination_tls:
+            context = client_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+            tls_args = (context, settings.destination_tls_hostname or settings.destination_host)
         return cls(settings.destination_host, settings.destination_port, settings.destination_aet,
-                   settings.ae_title, settings.dicom_timeout_seconds)
+                   settings.ae_title, settings.dicom_timeout_seconds, tls_args)
 
 
 @dataclass
@@ -153,9 +161,11 @@ class Outbox:
         for sop_class in sorted({h.SOPClassUID for h in headers.values()}):
             syntaxes = {h.file_meta.TransferSyntaxUID for h in headers.values() if h.SOPClassUID == sop_class}
             ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                             tls_args=destination.tls_args)
         if not assoc.is_established:
-            report.unreachable = f"no association with {destination.ae_title} at {destination.host}:{destination.port}"
+            report.unreachable = (f"no association with {destination.ae_title} at {destination.host}:{destination.port}"
+                                  + (" (TLS)" if destination.tls_args else ""))
             report.waiting = {series: len(files) for series, files in waiting.items()}
             log.warning("outbox: %s; %d instance(s) wait", report.unreachable, len(headers))
             return report

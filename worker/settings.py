@@ -81,6 +81,25 @@ class Settings(BaseSettings):
         30.0, gt=0, description="ACSE, DIMSE and network timeout of our DICOM associations (PS3.8)."
     )
 
+    # --- DICOM TLS (PS3.15 B.1; see dicom_io/tls.py) ----------------------------
+    listen_tls: bool = Field(False, description="Storage SCP accepts TLS connections only (needs tls_cert_file/key).")
+    destination_tls: bool = Field(False, description="Send results to the destination PACS over TLS.")
+    tls_cert_file: Path | None = Field(
+        None, description="Our certificate (PEM, chain allowed): presented by the listener and, if set, by the sender."
+    )
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) of tls_cert_file.")
+    tls_ca_file: Path | None = Field(
+        None,
+        description="CA bundle (PEM) trusted for peers: callers' client certificates and the destination's "
+        "server certificate (system trust store for the destination when unset).",
+    )
+    tls_require_client_cert: bool = Field(
+        True, description="With listen_tls, admit only callers with a certificate signed by tls_ca_file."
+    )
+    destination_tls_hostname: str = Field(
+        "", description="Name checked against the destination's certificate (default: destination_host)."
+    )
+
     # --- queue ----------------------------------------------------------------
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
     result_backend: str = Field("redis://127.0.0.1:6379/1", description="Celery result backend (Redis).")

@@ -25,6 +25,10 @@ import pydicom
 import pytest
 from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from dicom_io.listener import TRANSFER_SYNTAXES
 
 REPO = Path(__file__).resolve().parents[2]
 ROUTE_LUA = REPO / "deploy" / "orthanc" / "route_her2.lua"
@@ -104,18 +108,27 @@ class Server:
 
 
 class Redis(Server):
-    """redis-server; ``appendonly`` keeps every acknowledged write across a restart, as production needs."""
+    """redis-server on loopback; ``appendonly`` keeps every acknowledged write across a restart, and
+    ``password`` makes it require AUTH (``--requirepass``), both as production needs."""
 
-    def __init__(self, root: Path, appendonly: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, root: Path, appendonly: bool = False, password: str = "") -> None:
+        self.port, self.password = free_port(), password
         root.mkdir(parents=True, exist_ok=True)
+        auth = ["--requirepass", password] if password else []
         super().__init__("redis-server", [binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                                           "--save", "", "--appendonly", "yes" if appendonly else "no",
-                                          "--dir", str(root)],
+                                          "--dir", str(root), *auth],
                          root / "redis.log")
 
-    def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+    def url(self, db: int, password: str | None = None) -> str:
+        """URL of database ``db``, with this server's password unless another one is given."""
+        secret = self.password if password is None else password
+        return f"redis://{f':{secret}@' if secret else ''}127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0):
+        import redis as redis_client
+
+        return redis_client.Redis.from_url(self.url(db), decode_responses=True)
 
     def start(self) -> Redis:
         super().start()
@@ -215,6 +228,17 @@ def service_env(redis: Redis, spool_root: Path, listener_port: int, destination_
     })
     env.update(extra)
     return env
+
+
+def associate(port: int, calling: str = TEST_AET, contexts=(VLWholeSlideMicroscopyImageStorage, Verification),
+              handlers=(), tls_args=None):
+    """A pynetdicom SCU association with the listener (``tls_args`` = (SSLContext, hostname) for DICOM TLS)."""
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for sop_class in contexts:  # one context per transfer syntax: a JPEG slide is sent as it is
+        for syntax in TRANSFER_SYNTAXES if sop_class == VLWholeSlideMicroscopyImageStorage else [ExplicitVRLittleEndian]:
+            ae.add_requested_context(sop_class, syntax)
+    return ae.associate("127.0.0.1", port, ae_title=LISTENER_AET, evt_handlers=list(handlers), tls_args=tls_args)
 
 
 def her2(*args: str) -> list[str]:

@@ -9,10 +9,10 @@ import time
 import pydicom
 import pytest
 import redis as redis_client
-from pacs_stack import LISTENER_AET, TEST_AET, binary, her2, tiny_ct, tiny_dataset, tiny_wsi, wait_until
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, Verification, VLWholeSlideMicroscopyImageStorage
+from pacs_stack import LISTENER_AET, associate, binary, her2, tiny_ct, tiny_dataset, tiny_wsi, wait_until
+from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import evt
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_io.sender import Outbox
 from model_training.synthetic import SlideSpec
@@ -20,15 +20,6 @@ from model_training.synthetic_dicom import write_synthetic_slide
 from worker.jobs import JobState, RedisJobStore
 
 pytestmark = pytest.mark.integration
-
-
-def associate(port: int, calling: str = TEST_AET, contexts=(VLWholeSlideMicroscopyImageStorage, Verification),
-              handlers=()):
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    for sop_class in contexts:
-        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    return ae.associate("127.0.0.1", port, ae_title=LISTENER_AET, evt_handlers=list(handlers))
 
 
 def redis_keys(stack, pattern: str) -> list[str]:
