@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis as redis_client
 from pacs_stack import Orthanc, Redis, Server, free_port, her2, port_open, service_env, wait_until
 
 
@@ -59,8 +58,7 @@ class Stack:
 
     def job(self, series_uid: str) -> dict[str, str]:
         """Job status (state, reason) from Redis, or from the embedded server's state_dir."""
-        found = redis_client.Redis(port=self.redis.port, db=2, decode_responses=True).hgetall(
-            f"her2:status:{series_uid}")
+        found = self.redis.client(db=2).hgetall(f"her2:status:{series_uid}")
         embedded = self.root / "state" / "status" / f"{series_uid}.json"
         if not found and embedded.exists():
             found = json.loads(embedded.read_text())
@@ -74,10 +72,10 @@ class Stack:
         return "\n".join(s.log() for s in self.servers if s is not self.orthanc)
 
 
-def _started_stack(root: Path, redis: Redis):
-    redis_client.Redis(port=redis.port).flushall()
+def _started_stack(root: Path, redis: Redis, **orthanc_config):
+    redis.client().flushall()
     listener_port = free_port()
-    orthanc = Orthanc(root / "orthanc", listener_port).start()
+    orthanc = Orthanc(root / "orthanc", listener_port, **orthanc_config).start()
     s = Stack(root, redis, listener_port, orthanc, [orthanc])
     yield s
     for server in reversed(s.servers):
@@ -96,6 +94,22 @@ def persistent_stack(tmp_path):
     server = Redis(tmp_path / "redis", appendonly=True).start()
     yield from _started_stack(tmp_path, server)
     server.stop()
+
+
+@pytest.fixture
+def make_stack(tmp_path, redis_server):
+    """Like ``stack``, but the test chooses the Redis server and Orthanc's options (e.g. DICOM TLS)."""
+    started = []
+
+    def make(redis: Redis | None = None, **orthanc_options) -> Stack:
+        stack_gen = _started_stack(tmp_path, redis or redis_server, **orthanc_options)
+        started.append(stack_gen)
+        return next(stack_gen)
+
+    yield make
+    for stack_gen in started:
+        for _ in stack_gen:
+            pass
 
 
 @pytest.fixture(scope="module")

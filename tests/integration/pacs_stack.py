@@ -137,9 +137,14 @@ class Redis(Server):
 
 
 class Orthanc(Server):
-    """Orthanc with a generated config: our listener as modality ``her2``, HER2 routing Lua, StableAge 2 s."""
+    """Orthanc with a generated config: our listener as modality ``her2``, HER2 routing Lua, StableAge 2 s.
 
-    def __init__(self, root: Path, listener_port: int, stable_age: int = 2) -> None:
+    ``listener_tls`` makes Orthanc route to the listener over DICOM TLS; ``extra_config`` adds or
+    replaces top-level options (e.g. ``DicomTlsEnabled`` and the certificate files).
+    """
+
+    def __init__(self, root: Path, listener_port: int, stable_age: int = 2, listener_tls: bool = False,
+                 **extra_config) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = {
@@ -156,8 +161,10 @@ class Orthanc(Server):
             "Plugins": [],
             "StableAge": stable_age,
             "LuaScripts": [str(ROUTE_LUA)],
-            "DicomModalities": {"her2": [LISTENER_AET, "127.0.0.1", listener_port]},
+            "DicomModalities": {"her2": {"AET": LISTENER_AET, "Host": "127.0.0.1", "Port": listener_port,
+                                         "UseDicomTls": listener_tls}},
             "DicomScuTimeout": 30,
+            **extra_config,
         }
         config_path = root / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=1))

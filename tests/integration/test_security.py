@@ -12,12 +12,12 @@ from pathlib import Path
 import pydicom
 import pytest
 from certs import KeyPair, TestCA
-from pacs_stack import associate, tiny_wsi, wait_until
-from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+from pacs_stack import associate, tiny_dataset, tiny_wsi, wait_until
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
+from test_routing import check_results, synth, wait_for_results
 
-from dicom_io.listener import TRANSFER_SYNTAXES
 from dicom_io.sender import Destination, Outbox
 from dicom_io.tls import client_context, server_context
 from model_training.synthetic import SlideSpec
@@ -86,3 +86,74 @@ def test_tls_listener_admits_only_callers_with_a_certificate_from_its_ca(stack, 
     assert again.send_c_store(tiny_wsi("TLS-2")).Status == 0x0000
     again.release()
     assert "TLS-1" not in stack.logs() and "TLS-2" not in stack.logs()
+
+
+class TLSStorageSCP:
+    """A pynetdicom Storage SCP speaking mutual TLS, standing in for a PACS; records what it received."""
+
+    def __init__(self, pair: KeyPair, ca_bundle: Path) -> None:
+        self.received: list[tuple[str, str]] = []  # (SOPInstanceUID, caller's certificate common name)
+        ae = AE(ae_title="TLSPACS")
+        ae.add_supported_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+        ae.add_supported_context(Verification, ExplicitVRLittleEndian)
+        ctx = server_context(pair.cert, pair.key, ca_bundle, require_client_cert=True, handshake_timeout=10)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ctx,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event) -> int:
+        peer = event.assoc.dul.socket.socket.getpeercert()
+        common_name = dict(item[0] for item in peer["subject"])["commonName"]
+        self.received.append((event.request.AffectedSOPInstanceUID, common_name))
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def tls_destination(pki: PKI, port: int, trust: Path | None = None, client: KeyPair | None = None) -> Destination:
+    settings = load_settings(destination_tls=True, destination_port=port, destination_aet="TLSPACS",
+                             tls_cert_file=(client or pki.caller).cert, tls_key_file=(client or pki.caller).key,
+                             tls_ca_file=trust or pki.ca.bundle, dicom_timeout_seconds=10)
+    return Destination.from_settings(settings)
+
+
+def test_sender_delivers_over_tls_and_keeps_results_for_an_untrusted_or_plain_peer(pki, tmp_path):
+    results = [tiny_dataset(SecondaryCaptureImageStorage, "TLS-OUT", generate_uid(), generate_uid(), "OT")
+               for _ in range(2)]
+    source_series = generate_uid()
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.put(source_series, results)
+    pacs = TLSStorageSCP(pki.listener, pki.ca.bundle)
+    try:
+        # The PACS certificate is checked against a CA we do not trust: nothing is sent, nothing lost.
+        report = outbox.flush(tls_destination(pki, pacs.port, trust=pki.foreign_ca.bundle))
+        assert report.unreachable.endswith("(TLS)") and report.waiting == {source_series: 2}
+        # Our certificate is not one the PACS trusts: refused at its side, results still waiting.
+        report = outbox.flush(tls_destination(pki, pacs.port, client=pki.foreign_caller))
+        assert report.delivered == {} and len(outbox.pending(source_series)[source_series]) == 2
+        assert pacs.received == []
+
+        report = outbox.flush(tls_destination(pki, pacs.port))
+        assert report.delivered == {source_series: 2} and outbox.pending() == {}
+        assert sorted(pacs.received) == sorted((ds.SOPInstanceUID, "pacs caller") for ds in results)
+    finally:
+        pacs.stop()
+
+
+def test_slide_routed_scored_and_returned_over_dicom_tls_with_orthanc(make_stack, pki, tmp_path):
+    """Orthanc (DicomTlsEnabled) -> TLS -> listener -> Celery worker -> TLS -> Orthanc, mutual TLS both ways."""
+    orthanc = pki.ca.issue("orthanc")
+    stack = make_stack(listener_tls=True, DicomTlsEnabled=True, DicomTlsCertificate=str(orthanc.cert),
+                       DicomTlsPrivateKey=str(orthanc.key), DicomTlsTrustedCertificates=str(pki.ca.bundle),
+                       DicomTlsRemoteCertificateRequired=True)
+    stack.start_listener(**pki.listener_env())
+    stack.start_worker(HER2_DESTINATION_TLS="true", HER2_TLS_CERT_FILE=str(pki.caller.cert),
+                       HER2_TLS_KEY_FILE=str(pki.caller.key), HER2_TLS_CA_FILE=str(pki.ca.bundle))
+    files, truth = synth(tmp_path, seed=52, patient_id="TLS-E2E", grade="3+", size_um=1024)
+    stack.orthanc.upload(files)
+    check_results(stack.orthanc, wait_for_results(stack, files), files, truth)
+    logs = stack.logs()
+    assert "TLS, client certificate required" in logs
+    assert [line for line in logs.splitlines() if "TLS handshake" in line and "UNEXPECTED_EOF" not in line] == []
+    assert "TLS-E2E" not in logs
