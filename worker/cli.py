@@ -18,7 +18,8 @@ from model_training import cli as training_cli
 from worker.aggregate import CLASSES
 from worker import service_cli
 from worker.model_card import ModelCardError
-from worker.settings import Settings, load_settings
+from worker.preflight import PreflightError
+from worker.settings import REDIS_URL_KEYS, Settings, load_settings, redact_url
 
 EPILOG = "Research use only - not for clinical use. Configuration: --config FILE (JSON/TOML) or HER2_<KEY> env vars; see `her2 config`."
 
@@ -127,7 +128,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     for name, info in Settings.model_fields.items():
-        print(f"{name} = {json.dumps(getattr(settings, name), default=str)}\n    HER2_{name.upper()}: {info.description}")
+        value = getattr(settings, name)
+        if name in REDIS_URL_KEYS:
+            value = redact_url(value)
+        print(f"{name} = {json.dumps(value, default=str)}\n    HER2_{name.upper()}: {info.description}")
     return 0
 
 
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (SlideError, AnnotationError, ModelCardError, ValidationError, FileNotFoundError) as exc:
+    except (SlideError, AnnotationError, ModelCardError, ValidationError, FileNotFoundError, PreflightError) as exc:
         print(f"her2: error: {exc}", file=sys.stderr)
         return 2
 

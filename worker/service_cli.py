@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from worker.preflight import check_tls, preflight
 from worker.settings import Settings, load_settings
 
 
@@ -51,13 +52,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
     _share_config(args)
     settings = _settings(args)
     _service_logging()
+    preflight(settings)
     run_listener(settings, RedisJobStore(settings.state_redis_url), celery_enqueue, _stop_on_signals())
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     _share_config(args)
-    _settings(args)  # fail early, with a clear message, on invalid settings
+    preflight(_settings(args))  # fail early, in one line, on invalid settings, credentials or certificates
     from worker.celery_app import app
 
     app.worker_main(["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
@@ -71,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _service_logging()
+    check_tls(settings)
     run_embedded(settings, FileJobStore(settings.state_dir), _stop_on_signals())
     return 0
 

@@ -15,6 +15,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -127,6 +128,19 @@ class Settings(BaseSettings):
         if self.broker_visibility_timeout is not None:
             return self.broker_visibility_timeout
         return max(self.task_time_limit, self.task_retry_backoff_max) + 60
+
+
+#: Settings holding Redis URLs, which may carry a password (``redis://:PASSWORD@host:port/db``).
+REDIS_URL_KEYS = ("broker_url", "result_backend", "state_redis_url")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (like Celery's banner), for logs and ``her2 config``."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}"))
 
 
 def _read_file(path: Path) -> dict[str, Any]:

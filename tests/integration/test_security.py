@@ -6,13 +6,15 @@ unrelated CA issues the certificates that must be refused.
 
 from __future__ import annotations
 
+import secrets
 import ssl
+import subprocess
 from pathlib import Path
 
 import pydicom
 import pytest
 from certs import KeyPair, TestCA
-from pacs_stack import associate, tiny_dataset, tiny_wsi, wait_until
+from pacs_stack import Redis, associate, her2, tiny_dataset, tiny_wsi, wait_until
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
@@ -157,3 +159,44 @@ def test_slide_routed_scored_and_returned_over_dicom_tls_with_orthanc(make_stack
     assert "TLS, client certificate required" in logs
     assert [line for line in logs.splitlines() if "TLS handshake" in line and "UNEXPECTED_EOF" not in line] == []
     assert "TLS-E2E" not in logs
+
+
+@pytest.fixture
+def redis_with_password(tmp_path):
+    server = Redis(tmp_path / "redis-auth", password=secrets.token_hex(16)).start()
+    yield server
+    server.stop()
+
+
+def test_redis_with_password_end_to_end_and_never_in_a_log(make_stack, redis_with_password, tmp_path):
+    redis = redis_with_password
+    stack = make_stack(redis=redis)
+    assert f":{redis.password}@" in stack.env()["HER2_BROKER_URL"]
+    stack.start_listener()
+    stack.start_worker()
+    files, truth = synth(tmp_path, seed=53, patient_id="AUTH-1", grade="0", size_um=1024)
+    series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    stack.orthanc.upload(files)
+    check_results(stack.orthanc, wait_for_results(stack, files), files, truth)
+    wait_until(lambda: stack.job_state(series_uid) == "done", 30, "job state done")
+    status = subprocess.run(her2("status", series_uid), env=stack.env(), capture_output=True, text=True, timeout=60)
+    assert status.stdout.startswith(f"{series_uid}: done")
+    config = subprocess.run(her2("config"), env=stack.env(), capture_output=True, text=True, timeout=60)
+    assert f'broker_url = "redis://:***@127.0.0.1:{redis.port}/0"' in config.stdout
+
+    logs = stack.logs() + status.stdout + status.stderr + config.stdout + config.stderr
+    assert "redis://:**@127.0.0.1" in logs  # Celery's banner, masked
+    assert redis.password not in logs and "AUTH-1" not in logs
+
+
+@pytest.mark.parametrize("command", ["listen", "worker"])
+def test_wrong_redis_password_is_one_clear_line_without_the_password(stack, redis_with_password, command):
+    redis, wrong = redis_with_password, secrets.token_hex(16)
+    env = stack.env(**{f"HER2_{key.upper()}": redis.url(db, password=wrong)
+                       for db, key in enumerate(("broker_url", "result_backend", "state_redis_url"))})
+    run = subprocess.run(her2(command), env=env, capture_output=True, text=True, timeout=120)
+    output = (run.stdout + run.stderr).strip()
+    assert run.returncode == 2
+    assert output == (f"her2: error: Redis at redis://:***@127.0.0.1:{redis.port}/0 (broker_url) refused our "
+                      "credentials: invalid username-password pair or user is disabled.")
+    assert wrong not in output and redis.password not in output and "Traceback" not in output
