@@ -130,7 +130,7 @@ class Settings(BaseSettings):
         return max(self.task_time_limit, self.task_retry_backoff_max) + 60
 
 
-#: Settings holding Redis URLs, which may carry a password (``redis://:PASSWORD@host:port/db``).
+#: Settings holding Redis URLs, which may carry a password (``redis://:<password>@host:port/db``).
 REDIS_URL_KEYS = ("broker_url", "result_backend", "state_redis_url")
 
 
