@@ -49,9 +49,12 @@ class Stack:
         wait_until(lambda: server.check_alive() or port_open(self.listener_port), 60, "the embedded server's port")
         return server
 
-    def start_worker(self, pool: str = "solo", **extra: str) -> Server:
-        server = Server("her2 worker", her2("worker", "--pool", pool, "--hostname", f"her2-{self.listener_port}@%h"),
-                        self.root / "worker.log", self.env(**extra)).start()
+    def start_worker(self, pool: str = "solo", index: int = 0, **extra: str) -> Server:
+        """A Celery worker; give each of several workers its own ``index`` (node name, log file)."""
+        suffix = f"-{index}" if index else ""
+        server = Server(f"her2 worker{suffix}",
+                        her2("worker", "--pool", pool, "--hostname", f"her2-{self.listener_port}{suffix}@%h"),
+                        self.root / f"worker{suffix}.log", self.env(**extra)).start()
         self.servers.append(server)
         wait_until(lambda: server.check_alive() or "ready." in server.log(), 90, "the Celery worker to be ready")
         return server
