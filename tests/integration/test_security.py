@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from certs import KeyPair, TestCA
-from pacs_stack import Redis, associate, her2, tiny_dataset, tiny_wsi, wait_until
+from pacs_stack import LISTENER_AET, Redis, associate, binary, her2, tiny_dataset, tiny_wsi, wait_until
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
@@ -82,6 +82,15 @@ def test_tls_listener_admits_only_callers_with_a_certificate_from_its_ca(stack, 
     assert "listening as HER2WORKER" in stack.logs() and "TLS, client certificate required" in stack.logs()
     # A caller that does not trust the listener's CA gives up on its own side.
     assert not associate(port, tls_args=pki.tls_args(pki.caller, trust=pki.foreign_ca.bundle)).is_established
+
+    # dcmtk as a third-party TLS client: trusted certificate accepted, plain TCP refused.
+    echoscu = [binary("echoscu"), "-aet", "ECHOSCU", "-aec", LISTENER_AET]
+    tls = ["+tls", str(pki.caller.key), str(pki.caller.cert), "+cf", str(pki.ca.bundle)]
+    run = subprocess.run([*echoscu, *tls, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    plain = subprocess.run([*echoscu, "127.0.0.1", str(port)], capture_output=True, timeout=30, check=False)
+    assert plain.returncode != 0
 
     again = associate(port, tls_args=pki.tls_args(pki.caller))  # the listener still serves trusted callers
     assert again.is_established and again.send_c_echo().Status == 0x0000
