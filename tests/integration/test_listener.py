@@ -12,7 +12,7 @@ import redis as redis_client
 from pacs_stack import LISTENER_AET, associate, binary, her2, tiny_ct, tiny_dataset, tiny_wsi, wait_until
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import evt
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, Verification, VLWholeSlideMicroscopyImageStorage
 
 from dicom_io.sender import Outbox
 from model_training.synthetic import SlideSpec
