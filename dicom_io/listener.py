@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import weakref
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -99,6 +101,7 @@ class StorageHandlers:
         self.spool_dir = Path(spool_dir)
         self.on_spooled = on_spooled
         self.on_ended = on_ended
+        self._release_requested: weakref.WeakSet = weakref.WeakSet()
 
     def handle_echo(self, event: Event) -> int:
         """C-ECHO (PS3.4 A.4): always Success."""
@@ -136,9 +139,19 @@ class StorageHandlers:
         self.on_spooled(study_uid, series_uid, path.parent, event.assoc)
         return SUCCESS
 
+    def handle_pdu(self, event: Event) -> None:
+        """Note an A-RELEASE-RQ (PS3.8 9.3.6) as it is read, in the thread that later sees the connection close.
+
+        ``assoc.is_released`` alone cannot tell: pynetdicom sets it in the association's own
+        thread after answering A-RELEASE-RP, and under load the caller may already have
+        closed the connection, and the close been handled, by then.
+        """
+        if isinstance(event.pdu, A_RELEASE_RQ):
+            self._release_requested.add(event.assoc)
+
     def handle_closed(self, event: Event) -> None:
         """Connection closed: tell whether the association was released (PS3.8 7.2) or aborted/lost."""
-        self.on_ended(event.assoc, event.assoc.is_released)
+        self.on_ended(event.assoc, event.assoc.is_released or event.assoc in self._release_requested)
 
     def handle_accepted(self, event: Event) -> None:
         """Log the refused presentation contexts with their reasons (e.g. a CT image: SOP class not supported)."""
@@ -160,6 +173,7 @@ class StorageHandlers:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_PDU_RECV, self.handle_pdu),
             (evt.EVT_CONN_CLOSE, self.handle_closed),
         ]
 
