@@ -22,7 +22,7 @@ import pytest
 from pacs_stack import associate, wait_until
 from test_routing import SEG, SR, results_in_study, source_header, synth
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 SLIDES = 20
 #: Allowed growth of the listener's resident memory while serving the 20 associations. The data
