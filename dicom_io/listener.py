@@ -3,8 +3,10 @@
 A pynetdicom Application Entity that accepts, as SCP only:
 
 - VL Whole Slide Microscopy Image Storage (1.2.840.10008.5.1.4.1.1.77.1.6),
-  PS3.4 Annex B Storage Service Class, in the transfer syntaxes wsidicom can
-  decode (:data:`TRANSFER_SYNTAXES`);
+  PS3.4 Annex B Storage Service Class, in the transfer syntaxes the slide
+  reader decodes (:data:`dicom_io.transfer_syntax.TRANSFER_SYNTAXES`; a
+  context proposing only others, e.g. RLE or Deflate, is refused with result
+  "transfer syntaxes not supported");
 - Verification (1.2.840.10008.1.1), PS3.4 Annex A (C-ECHO).
 
 Any other SOP class (a CT image, say) is not negotiated: its presentation
@@ -31,21 +33,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
-    ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    VLWholeSlideMicroscopyImageStorage,
-)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_RELEASE_RQ
@@ -54,25 +42,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.spool import SpoolPathError, spool_instance
 from dicom_io.tls import server_context
+from dicom_io.transfer_syntax import TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
-
-#: Transfer syntaxes accepted for whole-slide images: uncompressed, JPEG (PS3.5 A.4.1/A.4.2/A.4.3),
-#: JPEG-LS (A.4.3), JPEG 2000 (A.4.4) and High-Throughput JPEG 2000 (A.4.11) - what wsidicom decodes.
-TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    HTJ2K,
-]
 
 # C-STORE response statuses (PS3.4 B.2.3, PS3.7 Annex C).
 SUCCESS = 0x0000

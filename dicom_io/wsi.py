@@ -2,16 +2,29 @@
 
 :func:`open_slide` checks the input before wsidicom sees it, so bad input is
 refused with one precise line (:class:`SlideError`): no such path, no DICOM
-files, a truncated file, another SOP class (e.g. a CT slice), files from
-several series, conflicting patient identity, or pyramid metadata wsidicom
-needs (Image Type, Dimension Organization Type) missing.
+files, a truncated file, another SOP class (e.g. a CT slice), a transfer
+syntax the reader does not decode, files from several series or patients
+(Patient ID or Name, Study or Series Instance UID differ), two different
+files claiming one SOP Instance UID, pyramid metadata wsidicom needs (Image
+Type, Dimension Organization Type, as files from OrthancWSIDicomizer lack)
+missing, or absurd dimensions (a side over :data:`MAX_LEVEL_SIDE` pixels, or
+a TILED_FULL frame count that does not match its Total Pixel Matrix). A file
+repeated under another name (same SOP Instance UID, same size) is read once.
+
+Reading stays memory-bounded: the thumbnail is refused, naming the missing
+pyramid levels, when it would need more than :data:`MAX_THUMBNAIL_SOURCE_PIXELS`
+pixels at once, and tiles that fail to decode raise :class:`CorruptTileError`
+(the pipeline skips and counts them).
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +33,14 @@ import pydicom
 from PIL import Image
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage
 from wsidicom import WsiDicom
 from wsidicom.config import Settings as WsiSettings
 
 from dicom_io.errors import CorruptTileError, SlideError
+from dicom_io.transfer_syntax import TRANSFER_SYNTAXES, describe
+
+log = logging.getLogger(__name__)
 
 #: Sequence Delimitation Item (FFFE,E0DD) with zero length: how encapsulated Pixel Data ends.
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
@@ -34,6 +50,14 @@ _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _READ_SETTINGS = WsiSettings(encoded_frame_cache_size=4 * 1024 * 1024, decoded_frame_cache_size=16 * 1024 * 1024)
 #: Attributes that must agree across all instances of one slide.
 _IDENTITY = ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID")
+#: Attributes without which an instance cannot be placed in the pyramid (PS3.3 C.8.12.4, C.7.6.17).
+_PYRAMID = ("ImageType", "DimensionOrganizationType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows", "Rows",
+            "Columns")
+#: Largest accepted Total Pixel Matrix side: 2^21 px is 524 mm at 40x (0.25 um/px), beyond any glass slide.
+MAX_LEVEL_SIDE = 2**21
+#: Most pixels the thumbnail may read at once (about 800 MB as RGB); a series that would need more lacks
+#: the lower-resolution pyramid levels.
+MAX_THUMBNAIL_SOURCE_PIXELS = 2**28
 
 
 @dataclass(frozen=True)
@@ -84,7 +108,7 @@ def _check_complete(path: Path, ds: Dataset) -> None:
             fh.seek(max(0, size - 64))
             tail = fh.read()
         if _SEQUENCE_DELIMITER not in tail:
-            raise SlideError(f"{path.name}: truncated file (encapsulated Pixel Data has no end delimiter)")
+            raise SlideError("truncated file (encapsulated Pixel Data has no end delimiter)")
 
 
 def _read_header(path: Path) -> Dataset:
@@ -95,21 +119,97 @@ def _read_header(path: Path) -> Dataset:
     return ds
 
 
+def _unique(headers: dict[Path, Dataset]) -> dict[Path, Dataset]:
+    """Drop repeated copies of one instance (same SOP Instance UID, same size); refuse different ones."""
+    seen: dict[str, Path] = {}
+    unique = {}
+    for path, ds in headers.items():
+        uid = str(ds.SOPInstanceUID)
+        first = seen.setdefault(uid, path)
+        if first is path:
+            unique[path] = ds
+        elif os.path.getsize(first) != os.path.getsize(path):
+            raise SlideError(f"{first.name} and {path.name} are different files with the same SOPInstanceUID: "
+                             "refusing an ambiguous series")
+        else:
+            log.info("%s repeats instance %s of %s; read once", path.name, uid, first.name)
+    return unique
+
+
+def _count(ds: Dataset, key: str, default: int | None = None) -> int:
+    """A positive integer attribute, or :class:`SlideError` naming it."""
+    value = ds.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SlideError(f"{key} {str(value)[:40]!r} is not a number") from None
+    if number < 1:
+        raise SlideError(f"{key} is {number}, must be at least 1")
+    return number
+
+
+def _check_dimensions(ds: Dataset) -> None:
+    """Refuse absurd Total Pixel Matrix sizes and TILED_FULL frame counts that do not add up (PS3.3 C.8.12.4)."""
+    width, height = _count(ds, "TotalPixelMatrixColumns"), _count(ds, "TotalPixelMatrixRows")
+    tile_w, tile_h = _count(ds, "Columns"), _count(ds, "Rows")
+    if max(width, height, tile_w, tile_h) > MAX_LEVEL_SIDE:
+        raise SlideError(f"absurd dimensions {width} x {height} px in {tile_w} x {tile_h} tiles "
+                         f"(more than {MAX_LEVEL_SIDE} px a side)")
+    if ds.DimensionOrganizationType == "TILED_FULL":
+        planes = _count(ds, "TotalPixelMatrixFocalPlanes", 1) * _count(ds, "NumberOfOpticalPaths", 1)
+        needed = math.ceil(width / tile_w) * math.ceil(height / tile_h) * planes
+        frames = _count(ds, "NumberOfFrames", 1)
+        single = frames == planes and "VOLUME" not in ds.ImageType  # a label or overview: one tile
+        if frames != needed and not single and "ConcatenationUID" not in ds:
+            raise SlideError(f"TILED_FULL {width} x {height} px in {tile_w} x {tile_h} tiles needs {needed} "
+                             f"frames, the file has {frames}")
+
+
+@contextmanager
+def _about(path: Path) -> Iterator[None]:
+    """Name ``path`` in a :class:`SlideError`, and turn malformed element values into one."""
+    try:
+        yield
+    except SlideError as exc:
+        raise SlideError(f"{path.name}: {exc}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:  # pydicom converts values lazily
+        raise SlideError(f"{path.name}: malformed header ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_sop_class(ds: Dataset) -> None:
+    sop = ds.get("SOPClassUID", "")
+    if sop != VLWholeSlideMicroscopyImageStorage:
+        name = getattr(sop, "name", "") or "unknown SOP class"
+        raise SlideError(f"{name} ({sop or 'no SOP Class UID'}), not a VL Whole Slide Microscopy Image")
+
+
+def _validate_instance(path: Path, ds: Dataset) -> None:
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if syntax not in TRANSFER_SYNTAXES:
+        raise SlideError(f"transfer syntax {describe(syntax)} is not supported (uncompressed, JPEG, JPEG-LS, "
+                         "JPEG 2000 or HTJ2K)")
+    missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not ds.get(k)]
+    missing += [k for k in _PYRAMID if k not in ds]
+    if missing:
+        raise SlideError(f"VL WSM instance lacks {', '.join(missing)} (needed to place it in the pyramid)")
+    _check_dimensions(ds)
+    _check_complete(path, ds)
+
+
 def _validate(headers: dict[Path, Dataset]) -> None:
     for path, ds in headers.items():
-        sop = ds.get("SOPClassUID", "")
-        if sop != VLWholeSlideMicroscopyImageStorage:
-            name = getattr(sop, "name", "") or "unknown SOP class"
-            raise SlideError(f"{path.name}: {name} ({sop or 'no SOP Class UID'}), not a VL Whole Slide Microscopy Image")
+        with _about(path):
+            _check_sop_class(ds)
     for key in _IDENTITY:
-        values = {str(ds.get(key, "")) for ds in headers.values()}
+        values = set()
+        for path, ds in headers.items():
+            with _about(path):
+                values.add(str(ds.get(key, "")))
         if len(values) > 1:
             raise SlideError(f"instances disagree on {key} ({len(values)} different values): refusing to mix slides")
     for path, ds in headers.items():
-        missing = [k for k in ("ImageType", "DimensionOrganizationType", "TotalPixelMatrixColumns") if k not in ds]
-        if missing:
-            raise SlideError(f"{path.name}: VL WSM instance lacks {', '.join(missing)} (needed to place it in the pyramid)")
-        _check_complete(path, ds)
+        with _about(path):
+            _validate_instance(path, ds)
 
 
 class Slide:
@@ -164,18 +264,26 @@ class Slide:
             if abs(info.mpp - mpp) <= tolerance * mpp:
                 return info
         have = ", ".join(f"{lvl.mpp:.3g}" for lvl in self.levels)
-        raise SlideError(f"slide has no pyramid level at {mpp} um/px (levels: {have} um/px)")
+        raise SlideError(f"missing pyramid level: none within {tolerance:.0%} of {mpp:g} um/px, the model's "
+                         f"magnification (the slide has {have} um/px)")
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at ``mpp`` um/px and that spacing.
 
         Read from the coarsest level at least that fine and box-resampled; a
         slide with no level that fine gets its finest level as it is (never
-        upsampled), with that level's spacing returned.
+        upsampled), with that level's spacing returned. A level of more than
+        :data:`MAX_THUMBNAIL_SOURCE_PIXELS` is not read whole: the slide is
+        refused for missing its lower-resolution levels.
         """
         fine_enough = [lvl for lvl in self.levels if lvl.mpp <= mpp * 1.001]
         info = fine_enough[-1] if fine_enough else self.levels[0]
-        region = self._wsi.read_region((0, 0), info.index, (info.width, info.height)).convert("RGB")
+        if info.width * info.height > MAX_THUMBNAIL_SOURCE_PIXELS:
+            which = f"coarsest level at least as fine as {mpp} um/px" if fine_enough else "finest level"
+            raise SlideError(f"missing pyramid levels: the {which} is {info.width} x {info.height} px at "
+                             f"{info.mpp:.3g} um/px, more than {MAX_THUMBNAIL_SOURCE_PIXELS // 2**20} Mpx to read "
+                             "whole; the series needs lower-resolution levels")
+        region = self._read(info, 0, 0, info.width, info.height)
         if not fine_enough:
             return np.asarray(region), info.mpp
         size = (max(1, round(info.width * info.mpp / mpp)), max(1, round(info.height * info.mpp / mpp)))
@@ -183,14 +291,27 @@ class Slide:
             region = region.resize(size, Image.Resampling.BOX)
         return np.asarray(region), mpp
 
+    def _read(self, level: LevelInfo, x: int, y: int, w: int, h: int) -> Image.Image:
+        """RGB region of ``level``; pixel data that cannot be decoded raises :class:`SlideError`."""
+        try:
+            return self._wsi.read_region((x, y), level.index, (w, h)).convert("RGB")
+        except MemoryError:
+            raise
+        except Exception as exc:  # wsidicom and its decoders (Pillow, imagecodecs, pydicom) raise many types
+            raise SlideError(f"pyramid level {level.index} could not be decoded at ({x}, {y}) "
+                             f"({type(exc).__name__}: {exc})") from exc
+
     def tile_reader(self, level: LevelInfo, tile_size: int):
         """A function (row, col) -> RGB uint8 (tile_size, tile_size, 3) for ``level``.
 
-        When the file's tiles are the model's tiles, the encoded frame is read
-        and decoded directly (fast path, safe to call from threads); otherwise
-        the region is assembled by wsidicom. Pixels beyond the image are white.
+        When the file's tiles are the model's tiles in JPEG baseline, the
+        encoded frame is read and decoded directly (fast path, safe to call
+        from threads); otherwise wsidicom decodes them. Pixels beyond the
+        image are white. A tile that cannot be decoded raises
+        :class:`CorruptTileError`.
         """
-        if (level.tile_width, level.tile_height) == (tile_size, tile_size):
+        syntax = self.level_dataset(level.index).file_meta.TransferSyntaxUID
+        if (level.tile_width, level.tile_height) == (tile_size, tile_size) and syntax == JPEGBaseline8Bit:
 
             def read(row: int, col: int) -> np.ndarray:
                 data = self._wsi.read_encoded_tile(level.index, (col, row), crop_to_image_boundary=False)
@@ -202,7 +323,10 @@ class Slide:
             x, y = col * tile_size, row * tile_size
             w, h = min(tile_size, level.width - x), min(tile_size, level.height - y)
             out = np.full((tile_size, tile_size, 3), 255, np.uint8)
-            out[:h, :w] = np.asarray(self._wsi.read_region((x, y), level.index, (w, h)).convert("RGB"))
+            try:
+                out[:h, :w] = np.asarray(self._read(level, x, y, w, h))
+            except SlideError as exc:
+                raise CorruptTileError(str(exc)) from exc
             return out
 
         return read_region
@@ -211,12 +335,12 @@ class Slide:
 def _decode(data: bytes, tile_size: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.size != (tile_size, tile_size):  # checked before decoding: a damaged header may claim any size
+                raise CorruptTileError(f"tile is {im.size[0]} x {im.size[1]} px, expected {tile_size} x {tile_size}")
             im.load()  # decode errors surface here; an RGB frame is then used without a converted copy
             arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise CorruptTileError(f"tile could not be decoded: {exc}") from exc
-    if arr.shape[:2] != (tile_size, tile_size):
-        raise CorruptTileError(f"tile decoded to {arr.shape[:2]}, expected {(tile_size, tile_size)}")
     return arr
 
 
@@ -226,6 +350,7 @@ def open_slide(path: Path | Sequence[Path]) -> Slide:
     where = path if isinstance(path, Path) else f"{len(path)} files in {path[0].parent if path else '.'}"
     headers = {p: _read_header(p) for p in _dicom_files(path)}
     _validate(headers)
+    headers = _unique(headers)
     try:
         wsi = WsiDicom.open(list(headers), settings=_READ_SETTINGS)
     except Exception as exc:  # wsidicom raises several unrelated types for bad pyramids
