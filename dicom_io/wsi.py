@@ -32,7 +32,6 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage
 from wsidicom import WsiDicom
 from wsidicom.config import Settings as WsiSettings
@@ -114,7 +113,9 @@ def _check_complete(path: Path, ds: Dataset) -> None:
 def _read_header(path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # damaged files make pydicom raise anything: struct.error, zlib.error, EOFError, ...
         raise SlideError(f"{path.name}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     return ds
 
@@ -314,7 +315,13 @@ class Slide:
         if (level.tile_width, level.tile_height) == (tile_size, tile_size) and syntax == JPEGBaseline8Bit:
 
             def read(row: int, col: int) -> np.ndarray:
-                data = self._wsi.read_encoded_tile(level.index, (col, row), crop_to_image_boundary=False)
+                try:
+                    data = self._wsi.read_encoded_tile(level.index, (col, row), crop_to_image_boundary=False)
+                except MemoryError:
+                    raise
+                except Exception as exc:  # a damaged frame index or offset table, as wsidicom finds it
+                    raise CorruptTileError(f"tile ({col}, {row}) of level {level.index} could not be read "
+                                           f"({type(exc).__name__}: {exc})") from exc
                 return _decode(data, tile_size)
 
             return read
