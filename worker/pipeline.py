@@ -134,8 +134,9 @@ def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings, q
     check_graded(quality, np.concatenate(tile_sharpness) if tile_sharpness else np.zeros(0), score.tumour_area_mm2,
                  settings)
     if quality.not_assessable:
-        score = not_assessable(grid, quality, probabilities, tumour, scored)
-    score.flags.extend(quality.flags)
+        score = not_assessable(grid, quality, probabilities, tumour, scored)  # its flags include the QC flags
+    else:
+        score.flags.extend(quality.flags)
     if corrupt:
         score.flags.append(f"{corrupt} corrupt tile(s) skipped")
     score.flags.extend(prepared.normaliser.notes)

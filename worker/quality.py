@@ -19,8 +19,11 @@ the synthetic QC cases in ``tests/test_quality.py``; not validated on real slide
   ``qc_fold_share_max`` -> flag.
 * **Blur**: median over graded tiles of the mean absolute Laplacian-of-Gaussian
   (sigma 1 px) of the normalised grey tile below ``qc_sharpness_min`` -> flag.
-* **Stain out of training distribution**: the haematoxylin vector could not be
-  estimated, or the per-slide haematoxylin scale is outside [0.5, 2] -> flag.
+* **Stain out of training distribution**: the per-slide haematoxylin scale
+  (reference 99th percentile / the slide's) is outside [``qc_h_scale_min``,
+  ``qc_h_scale_max``] = [0.5, 2] (stain over twice or under half the
+  reference strength), or the haematoxylin vector could not be estimated (off
+  colour, or too few stained pixels: a faded slide) -> flag.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ FOLD_OD = 2.0
 #: Only clearly stained tissue pixels (OD sum above this) enter the stain-type check.
 STAINED_OD = 0.5
 PEN_GREEN_EXCESS = 30
+#: Start of the normaliser's note when too few pixels are stained to estimate any stain (a faded slide).
+UNESTIMABLE_H = "too few stained pixels"
 
 
 @dataclass
@@ -90,8 +95,13 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormal
         report.flags.append(f"QC: pen marks on {100 * m['pen_share']:.1f} % of the tissue")
     if m["fold_share"] > settings.qc_fold_share_max:
         report.flags.append(f"QC: possible tissue folds on {100 * m['fold_share']:.1f} % of the tissue")
-    if not 0.5 <= normaliser.h_scale <= 2.0 or any("haematoxylin" in n for n in normaliser.notes):
-        report.flags.append("QC: stain outside the training distribution (haematoxylin strength or colour)")
+    low, high = settings.qc_h_scale_min, settings.qc_h_scale_max
+    if not low <= normaliser.h_scale <= high:
+        report.flags.append(f"QC: stain outside the training distribution (haematoxylin scale "
+                            f"{normaliser.h_scale:.2f} outside [{low}, {high}])")
+    elif any(UNESTIMABLE_H in n or "haematoxylin" in n for n in normaliser.notes):
+        report.flags.append("QC: stain outside the training distribution (haematoxylin colour or amount not "
+                            "estimable: stain too faint or off-colour)")
     return report
 
 

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     qc_pen_share_max: float = Field(0.01, gt=0, lt=1, description="Share of tissue under marker ink that is flagged.")
     qc_fold_share_max: float = Field(0.02, gt=0, lt=1, description="Share of tissue in folds (OD > 2) that is flagged.")
     qc_sharpness_min: float = Field(3.0, ge=0, description="Median tile sharpness (mean |LoG|) below which blur is flagged.")
+    qc_h_scale_min: float = Field(
+        0.5, gt=0, description="Haematoxylin scale (reference / slide 99th percentile) below which the stain is flagged "
+        "as outside the training distribution (over twice the reference strength).")
+    qc_h_scale_max: float = Field(
+        2.0, gt=0, description="Haematoxylin scale above which the stain is flagged as outside the training "
+        "distribution (under half the reference strength).")
 
     # --- DICOM network --------------------------------------------------------
     ae_title: str = Field("HER2WORKER", max_length=16, description="Our AE title (listener and SCU).")
