@@ -32,6 +32,7 @@ import sys
 import traceback
 from collections import Counter
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -174,7 +175,7 @@ def mutate_elements(ds: pydicom.Dataset, rng: random.Random) -> None:
         if choice == 0:
             frames[i] = rng.randbytes(rng.randint(2, 2000))
         elif choice == 1:
-            frames[i] = frames[i][: rng.randrange(max(1, len(frames[i])))]
+            frames[i] = frames[i][: max(2, rng.randrange(max(1, len(frames[i]))))]
         else:
             frames.pop(i)
         if frames:
@@ -194,15 +195,13 @@ def mutated_file(seed: Seed, index: int, rng: random.Random) -> bytes:
     data = seed.raw[index]
     if mode != 1:
         ds = copy.deepcopy(seed.datasets[index])
-        for _ in range(rng.randint(1, 3)):
-            mutate_elements(ds, rng)
         try:
-            from io import BytesIO
-
+            for _ in range(rng.randint(1, 3)):
+                mutate_elements(ds, rng)
             out = BytesIO()
             ds.save_as(out, enforce_file_format=False)
             data = out.getvalue()
-        except Exception:  # pydicom refuses to write this combination: mutate the bytes instead
+        except Exception:  # pydicom refuses this combination (to encapsulate or write): mutate the bytes instead
             mode = 1
     if mode != 0:
         data = mutate_bytes(data, rng)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -352,3 +354,66 @@ def test_a_series_locked_by_another_flusher_is_left_to_it(tmp_path):
     assert received == ["1.2.11.1"] and report.delivered == {"1.2.11": 1}
     assert outcomes == [("1.2.11", 1, 0, None)]
     assert not (tmp_path / "1.2.11").exists()
+
+
+# --- retrying a failed or parked job ----------------------------------------------
+
+def spooled_series(spool: Path, study: str, series: str, sop_uids: list[str]) -> Path:
+    folder = spool / study / series
+    folder.mkdir(parents=True)
+    for uid in sop_uids:
+        (folder / f"{uid}.dcm").write_bytes(b"instance")
+    return folder
+
+
+def test_retry_queues_a_parked_job_once_and_refuses_others(settings):
+    from worker.jobs import RetryError, retry_job
+
+    folder = spooled_series(settings.spool_dir, "1.2.20", "1.2.20.1", ["1.2.20.1.1", "1.2.20.1.2"])
+    store, queued = FileJobStore(settings.state_dir), []
+    key = content_key("1.2.20.1", ["1.2.20.1.1", "1.2.20.1.2"])
+    assert store.claim(key)  # the first job's claim
+    store.set_status("1.2.20.1", JobState.PARKED, "gave up after 2 retries: RuntimeError: boom")
+
+    job = retry_job(settings, store, "1.2.20.1", queued.append)
+    assert queued == [job] == [Job(str(folder), "1.2.20.1")]
+    assert store.get_status("1.2.20.1").state is JobState.QUEUED
+    assert not store.claim(key)  # claimed again by the retry: a re-send of the series gets no second job
+
+    with pytest.raises(RetryError, match=r"^1\.2\.20\.1: job is queued, only failed or parked jobs are retried$"):
+        retry_job(settings, store, "1.2.20.1", queued.append)
+    with pytest.raises(RetryError, match=r"^1\.2\.21: no job known$"):
+        retry_job(settings, store, "1.2.21", queued.append)
+    store.set_status("1.2.22", JobState.FAILED, "not scorable: truncated file")
+    with pytest.raises(RetryError, match=r"^1\.2\.22: 0 spool folders hold this series in .*, expected 1$"):
+        retry_job(settings, store, "1.2.22", queued.append)
+    with pytest.raises(RetryError, match="is not a valid DICOM UID"):
+        retry_job(settings, store, "../1.2.20", queued.append)
+    assert len(queued) == 1
+
+
+def test_retry_command_rescores_a_parked_series_in_embedded_mode(tmp_path, slides, capsys):
+    from worker.cli import main
+
+    spool = tmp_path / "spool"
+    series = pydicom.dcmread(slides["3+"] / "level-0.dcm", stop_before_pixels=True)
+    folder = spool / series.StudyInstanceUID / series.SeriesInstanceUID
+    folder.mkdir(parents=True)
+    for level in slides["3+"].glob("level-*.dcm"):
+        shutil.copy(level, folder / f"{pydicom.dcmread(level, stop_before_pixels=True).SOPInstanceUID}.dcm")
+    config = tmp_path / "her2.json"
+    config.write_text(json.dumps({"state_dir": str(tmp_path / "state"), "outbox_dir": str(tmp_path / "outbox"),
+                                  "spool_dir": str(spool), "destination_port": free_port(),
+                                  "dicom_timeout_seconds": 2}))
+    store = FileJobStore(tmp_path / "state")
+    store.set_status(series.SeriesInstanceUID, JobState.PARKED, "gave up after 3 retries: OSError: disk full")
+
+    assert main(["retry", "--embedded", "--config", str(config), series.SeriesInstanceUID]) == 0
+    out = capsys.readouterr().out
+    # Scored again; the destination is down, so the results wait in the outbox.
+    assert out.startswith(f"{series.SeriesInstanceUID}: delivering (")
+    assert out.endswith(") - results in the outbox for ORTHANC\n")
+    assert len(Outbox(tmp_path / "outbox").pending()[series.SeriesInstanceUID]) == 2
+    assert main(["retry", "--embedded", "--config", str(config), series.SeriesInstanceUID]) == 1
+    assert capsys.readouterr().err == (f"her2: error: {series.SeriesInstanceUID}: job is delivering, only failed or "
+                                       "parked jobs are retried\n")

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from dicom_io.sender import Destination, Outbox
 from dicom_io.series_tracker import SeriesTracker, StableSeries
-from dicom_io.spool import checked_uid, instance_uids, write_atomic
+from dicom_io.spool import SpoolPathError, checked_uid, instance_uids, write_atomic
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,43 @@ def _dispatch_one(stable: StableSeries, store: JobStore, enqueue: Enqueue) -> Jo
         store.release(key)
         raise
     log.info("series %s stable with %d instances: job queued", job.series_instance_uid, len(uids))
+    return job
+
+
+#: Job states ``her2 retry`` accepts: the job has stopped and will not be tried again by itself.
+RETRYABLE = (JobState.FAILED, JobState.PARKED)
+
+
+class RetryError(ValueError):
+    """A job cannot be retried; the message says why."""
+
+
+def retry_job(settings: Settings, store: JobStore, series_uid: str, enqueue: Enqueue) -> Job:
+    """Queue a failed or parked series again (``her2 retry``): release its claim, claim it anew, enqueue.
+
+    The series is scored from what the spool holds now, so fix the cause first
+    (re-send a corrected series, free the PACS); results keep their
+    deterministic UIDs, so a retry never duplicates delivered objects.
+    """
+    try:
+        series_uid = checked_uid(series_uid, "SeriesInstanceUID")
+    except SpoolPathError as exc:
+        raise RetryError(str(exc)) from None
+    status = store.get_status(series_uid)
+    if status is None:
+        raise RetryError(f"{series_uid}: no job known")
+    if status.state not in RETRYABLE:
+        raise RetryError(f"{series_uid}: job is {status.state.value}, only failed or parked jobs are retried")
+    folders = [p for p in Path(settings.spool_dir).glob(f"*/{series_uid}") if any(p.glob("*.dcm"))]
+    if len(folders) != 1:
+        raise RetryError(f"{series_uid}: {len(folders)} spool folders hold this series in {settings.spool_dir}, "
+                         "expected 1")
+    folder = folders[0]
+    store.release(content_key(series_uid, instance_uids(folder)))
+    job = _dispatch_one(StableSeries(folder.parent.name, series_uid, folder), store, enqueue)
+    if job is None:  # another retry claimed it in between
+        raise RetryError(f"{series_uid}: already queued again by someone else")
+    log.info("series %s queued again after being %s", series_uid, status.state.value)
     return job
 
 

@@ -1,4 +1,4 @@
-"""``her2`` subcommands of the PACS service: listen, worker, serve, status, flush-outbox.
+"""``her2`` subcommands of the PACS service: listen, worker, serve, status, retry, flush-outbox.
 
 Registered into the main parser by :func:`register`; each command is a thin
 wrapper over :mod:`worker.service`, :mod:`worker.jobs` and the Celery app.
@@ -104,6 +104,28 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from worker.jobs import RetryError, job_store, retry_job
+    from worker.service import celery_enqueue, run_with_retries
+
+    _share_config(args)
+    settings = _settings(args)
+    store = job_store(settings, args.embedded)
+    # Embedded mode has no queue another process can reach: the job runs here, now.
+    enqueue = (lambda job: run_with_retries(job, settings, store)) if args.embedded else celery_enqueue
+    try:
+        retry_job(settings, store, args.series_uid, enqueue)
+    except RetryError as exc:
+        print(f"her2: error: {exc}", file=sys.stderr)
+        return 1
+    except RedisError as exc:
+        return _unreachable(exc)
+    print(store.get_status(args.series_uid).line())
+    return 0
+
+
 def cmd_flush_outbox(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
@@ -172,6 +194,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config(p)
     embedded(p)
     p.set_defaults(func=cmd_status)
+
+    p = subparsers.add_parser("retry", help="queue a failed or parked series again, after fixing the cause",
+                              description="Score a failed or parked series again from the spool: its claim is "
+                              "released and one new job is queued (with --embedded it runs in this process). "
+                              "Exit status 1 when the job is unknown, not failed or parked, or not in the spool.")
+    p.add_argument("series_uid", help="SeriesInstanceUID of the slide")
+    config(p)
+    embedded(p)
+    p.set_defaults(func=cmd_retry)
 
     p = subparsers.add_parser("flush-outbox", help="try now to deliver every result waiting in the outbox",
                               description="Send every result in outbox_dir to the destination PACS once; "
