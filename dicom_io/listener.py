@@ -40,7 +40,7 @@ from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_io.spool import SpoolPathError, spool_instance
+from dicom_io.spool import SpoolConflictError, SpoolPathError, spool_instance
 from dicom_io.tls import server_context
 from dicom_io.transfer_syntax import TRANSFER_SYNTAXES
 
@@ -100,7 +100,7 @@ class StorageHandlers:
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
             path = spool_instance(self.spool_dir, study_uid, series_uid, sop_uid, event.dataset_path)
-        except SpoolPathError as exc:
+        except (SpoolPathError, SpoolConflictError) as exc:
             log.warning("C-STORE refused (cannot understand): %s", exc)
             return CANNOT_UNDERSTAND
         except OSError as exc:

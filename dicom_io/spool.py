@@ -31,6 +31,10 @@ class SpoolPathError(ValueError):
     """A UID from the network is not a valid DICOM UID and cannot name a spool path."""
 
 
+class SpoolConflictError(ValueError):
+    """An instance names a series that is already spooled under another study: identities would mix."""
+
+
 def checked_uid(value: object, what: str) -> str:
     """Return ``value`` as a string if it is a valid DICOM UID (PS3.5 9.1), else raise :class:`SpoolPathError`."""
     text = str(value or "")
@@ -93,10 +97,17 @@ def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: st
     """Store one received DICOM file (preamble, File Meta Information, data set) in the spool.
 
     Partial files live in ``<spool>/.incoming`` until renamed, so a series
-    folder only ever holds complete instances.
+    folder only ever holds complete instances. An instance whose series is
+    already spooled under another Study Instance UID raises
+    :class:`SpoolConflictError`: one series must never span two studies (the
+    results of each part would carry the same UIDs in two patients' studies).
     """
     folder = series_dir(spool_dir, study_uid, series_uid)
     path = folder / f"{checked_uid(sop_uid, 'SOPInstanceUID')}.dcm"
+    elsewhere = [p.parent.name for p in Path(spool_dir).glob(f"*/{series_uid}") if p != folder]
+    if elsewhere:
+        raise SpoolConflictError(f"series {series_uid} is already spooled under study {elsewhere[0]}, not "
+                                 f"{study_uid}: refusing to mix studies in one series")
     copy_atomic(path, source, Path(spool_dir) / INCOMING)
     return path
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -29,7 +30,7 @@ from pynetdicom.presentation import build_context, negotiate_as_acceptor
 
 from dicom_io import wsi
 from dicom_io.errors import SlideError
-from dicom_io.listener import build_ae
+from dicom_io.listener import CANNOT_UNDERSTAND, SUCCESS, StorageHandlers, build_ae
 from dicom_io.transfer_syntax import TRANSFER_SYNTAXES
 from dicom_io.wsi import open_slide
 from worker.aggregate import SlideCall
@@ -58,6 +59,15 @@ def ct_slice(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def c_store_event(path: Path, sop_class: str, sop_uid: str) -> SimpleNamespace:
+    """What pynetdicom hands the C-STORE handler: the received file and the request's UIDs."""
+    return SimpleNamespace(
+        dataset_path=path,
+        request=SimpleNamespace(AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop_uid),
+        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="SENDER")),
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
@@ -272,3 +282,18 @@ def test_conflicting_identity_inside_one_series_is_refused(tmp_path, slides, key
     with pytest.raises(SlideError) as refused:
         score_slide(folder, load_settings())
     assert str(refused.value) == f"instances disagree on {key} (2 different values): refusing to mix slides"
+
+
+def test_series_spooled_under_another_study_is_refused_by_the_listener(tmp_path, slides):
+    """One Series Instance UID arriving under two studies: the second study's instances get 0xC000, unspooled."""
+    level = slides["3+"] / "level-1.dcm"
+    ds = pydicom.dcmread(level, stop_before_pixels=True)
+    other_study = tmp_path / "other-study.dcm"
+    edit(shutil.copy(level, other_study), StudyInstanceUID="1.2.826.0.1.3680043.10.1.6", SOPInstanceUID="1.2.3.4.5")
+    spooled = []
+    handlers = StorageHandlers(tmp_path / "spool", lambda *args: spooled.append(args))
+    assert handlers.handle_store(c_store_event(level, ds.SOPClassUID, ds.SOPInstanceUID)) == SUCCESS
+    assert handlers.handle_store(c_store_event(other_study, ds.SOPClassUID, "1.2.3.4.5")) == CANNOT_UNDERSTAND
+    assert [p.relative_to(tmp_path / "spool").parts[:2] for p in (tmp_path / "spool").glob("*/*/*.dcm")] == [
+        (ds.StudyInstanceUID, ds.SeriesInstanceUID)]
+    assert len(spooled) == 1

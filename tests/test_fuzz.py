@@ -34,7 +34,6 @@ from collections import Counter
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -57,7 +56,7 @@ from dicom_io.listener import StorageHandlers
 from dicom_io.wsi import open_slide
 from model_training.synthetic import SlideSpec
 from model_training.synthetic_dicom import write_synthetic_slide
-from test_bad_input import ct_slice
+from test_bad_input import c_store_event, ct_slice
 
 DATA = Path(__file__).parent / "data"
 QUICK_CASES = 1500
@@ -227,13 +226,8 @@ def read_like_the_pipeline(folder: Path) -> str:
 
 
 def store_like_the_listener(handlers: StorageHandlers, path: Path, original: pydicom.Dataset) -> int:
-    event = SimpleNamespace(
-        dataset_path=path,
-        request=SimpleNamespace(AffectedSOPClassUID=original.get("SOPClassUID", ""),
-                                AffectedSOPInstanceUID=original.get("SOPInstanceUID", "")),
-        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="FUZZER")),
-    )
-    return handlers.handle_store(event)
+    return handlers.handle_store(c_store_event(path, original.get("SOPClassUID", ""),
+                                               original.get("SOPInstanceUID", "")))
 
 
 def _watchdog(signum, frame):
@@ -263,11 +257,11 @@ def run_campaign(seeds: list[Seed], cases: int, work: Path) -> tuple[Counter, li
             faulthandler.dump_traceback_later(3 * CASE_SECONDS, exit=True, file=sys.__stderr__)
             signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
             try:
-                for name, call in (("reader", lambda: read_like_the_pipeline(folder)),
-                                   ("listener", lambda: store_like_the_listener(handlers, target,
+                for name, call, args in (("reader", read_like_the_pipeline, (folder,)),
+                                         ("listener", store_like_the_listener, (handlers, target,
                                                                                 seed.datasets[index]))):
                     try:
-                        result = call()
+                        result = call(*args)
                     except SlideError:
                         result = "refused"
                     except Hung:

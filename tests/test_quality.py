@@ -90,8 +90,8 @@ def restained(thumbnail: np.ndarray, factor: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("factor, flag", [
-    (0.3, "QC: stain outside the training distribution (haematoxylin colour or amount not estimable: stain too "
-          "faint or off-colour)"),
+    (0.3, ("QC: stain outside the training distribution (haematoxylin colour or amount not estimable: stain too "
+           "faint or off-colour)")),
     (2.5, "QC: stain outside the training distribution (haematoxylin scale 0.36 outside [0.5, 2.0])"),
 ])
 def test_stain_out_of_training_distribution_is_flagged(factor, flag):
