@@ -39,24 +39,29 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
 )
+from test_bad_input import c_store_event, ct_slice
 
 from dicom_io.errors import SlideError
-from dicom_io.listener import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, SUCCESS
-from dicom_io.listener import StorageHandlers
+from dicom_io.listener import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    StorageHandlers,
+)
 from dicom_io.wsi import open_slide
 from model_training.synthetic import SlideSpec
 from model_training.synthetic_dicom import write_synthetic_slide
-from test_bad_input import c_store_event, ct_slice
 
 DATA = Path(__file__).parent / "data"
 QUICK_CASES = 1500

@@ -3,13 +3,12 @@
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 from dicom_io.wsi import open_slide
+from model_training.slide_tiles import synthetic_slide_tiles
 from model_training.synthetic import SlideSpec, render_thumbnail
 from model_training.synthetic_dicom import write_synthetic_slide
-from model_training.slide_tiles import synthetic_slide_tiles
 from worker.aggregate import SlideCall
 from worker.pipeline import score_slide
 from worker.preprocessing import fit_slide, optical_density
