@@ -104,7 +104,8 @@ def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: st
     """
     folder = series_dir(spool_dir, study_uid, series_uid)
     path = folder / f"{checked_uid(sop_uid, 'SOPInstanceUID')}.dcm"
-    elsewhere = [p.parent.name for p in Path(spool_dir).glob(f"*/{series_uid}") if p != folder]
+    elsewhere = [p.parent.name for p in Path(spool_dir).glob(f"*/{series_uid}")
+                 if p != folder and p.is_dir() and is_valid_uid(p.parent.name)]  # not .receiving markers
     if elsewhere:
         raise SpoolConflictError(f"series {series_uid} is already spooled under study {elsewhere[0]}, not "
                                  f"{study_uid}: refusing to mix studies in one series")

@@ -31,6 +31,7 @@ from pynetdicom.presentation import build_context, negotiate_as_acceptor
 from dicom_io import wsi
 from dicom_io.errors import SlideError
 from dicom_io.listener import CANNOT_UNDERSTAND, SUCCESS, StorageHandlers, build_ae
+from dicom_io.spool import receiving_marker
 from dicom_io.transfer_syntax import TRANSFER_SYNTAXES
 from dicom_io.wsi import open_slide
 from worker.aggregate import SlideCall
@@ -291,7 +292,10 @@ def test_series_spooled_under_another_study_is_refused_by_the_listener(tmp_path,
     other_study = tmp_path / "other-study.dcm"
     edit(shutil.copy(level, other_study), StudyInstanceUID="1.2.826.0.1.3680043.10.1.6", SOPInstanceUID="1.2.3.4.5")
     spooled = []
-    handlers = StorageHandlers(tmp_path / "spool", lambda *args: spooled.append(args))
+    handlers = StorageHandlers(tmp_path / "spool", lambda *args: spooled.append(args), lambda *args: None)
+    marker = receiving_marker(tmp_path / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID)
+    marker.parent.mkdir(parents=True)
+    marker.touch()  # the series is being received: its marker is no other study
     assert handlers.handle_store(c_store_event(level, ds.SOPClassUID, ds.SOPInstanceUID)) == SUCCESS
     assert handlers.handle_store(c_store_event(other_study, ds.SOPClassUID, "1.2.3.4.5")) == CANNOT_UNDERSTAND
     assert [p.relative_to(tmp_path / "spool").parts[:2] for p in (tmp_path / "spool").glob("*/*/*.dcm")] == [

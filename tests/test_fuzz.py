@@ -243,7 +243,7 @@ def run_campaign(seeds: list[Seed], cases: int, work: Path) -> tuple[Counter, li
     outcomes: Counter = Counter()
     failures: list[str] = []
     spooled: list[tuple] = []
-    handlers = StorageHandlers(work / "spool", lambda *args: spooled.append(args))
+    handlers = StorageHandlers(work / "spool", lambda *args: spooled.append(args), lambda *args: None)
     previous = signal.signal(signal.SIGALRM, _watchdog)
     try:
         for case in range(cases):
