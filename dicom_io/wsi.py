@@ -173,7 +173,9 @@ def _about(path: Path) -> Iterator[None]:
         yield
     except SlideError as exc:
         raise SlideError(f"{path.name}: {exc}") from None
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:  # pydicom converts values lazily
+    except MemoryError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily: ValueError, NotImplementedError (unknown VR), ...
         raise SlideError(f"{path.name}: malformed header ({type(exc).__name__}: {exc})") from exc
 
 
