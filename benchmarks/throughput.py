@@ -156,13 +156,12 @@ def sample_tiles(series_dir: Path, model, n: int) -> Sample:
 
     card = model.card
     with open_slide(series_dir) as slide:
-        survey = survey_slide(slide, card.stain)
-        prepared = prepare_slide(slide, survey, card.tile_size, card.mpp)
+        prepared = prepare_slide(slide, survey_slide(slide), card.tile_size, card.mpp, card.stain)
         positions = prepared.candidates[: max(n, 1) * 2]
         decoded, seconds, cpu = _timed(lambda: [prepared.read(r, c) for r, c in positions])
     raw = np.stack(decoded)
     raw = raw[white_fraction(raw) <= card.white_fraction_max][:n]
-    return Sample(raw, survey.normaliser(raw), survey.normaliser, Rate(len(decoded), seconds, cpu))
+    return Sample(raw, prepared.normaliser(raw), prepared.normaliser, Rate(len(decoded), seconds, cpu))
 
 
 def reference_session(model_path: Path, device: str):
@@ -281,8 +280,7 @@ def naive_loop(series_dir: Path, settings, model, max_tiles: int) -> tuple[Rate,
     t0, c0 = time.perf_counter(), time.process_time()
     graded = 0
     with open_slide(series_dir) as slide:
-        survey = survey_slide(slide, card.stain)
-        prepared = prepare_slide(slide, survey, card.tile_size, card.mpp)
+        prepared = prepare_slide(slide, survey_slide(slide), card.tile_size, card.mpp, card.stain)
         wsi, level, size = slide._wsi, prepared.level, card.tile_size  # the whole-region API, as research code uses
         for r, c in prepared.candidates[: max_tiles or None]:
             x, y = c * size, r * size

@@ -28,9 +28,10 @@ from scipy import ndimage
 from torch import nn
 
 from model_training.models import TileClassifier
-from model_training.synthetic import SlideSpec, render_region, render_thumbnail
+from model_training.synthetic import SlideSpec, render_region
 from model_training.train import to_tensor
-from worker.preprocessing import StainNormaliser, fit_slide, white_fraction
+from worker.preprocessing import StainNormaliser, fit_stains, white_fraction
+from worker.tiles import stain_fit_indices
 
 METHODS = ("gradcam", "scorecam")
 #: DAB optical density above which a pixel counts as DAB-stained membrane (QuPath's usual threshold).
@@ -144,17 +145,22 @@ def cross_magnification_consistency(model_low: TileClassifier, model_high: TileC
     sub-region the size of one high-magnification tile is rendered at ``mpp_high`` and explained
     with ``model_high`` (both for the low-magnification model's predicted class). The low-mag
     explanation is cropped to the sub-region, upsampled, and compared by cosine similarity. Tiles
-    are prepared by the shared preprocessing (slide stain fit on the thumbnail, white filter,
+    are prepared by the shared preprocessing (slide stain fit on a sample of its tissue tiles, white filter,
     normalisation). Returns one EC per region compared.
     """
-    _, normaliser = fit_slide(render_thumbnail(spec))
     rng = np.random.default_rng(seed)
     ratio = round(mpp_low / mpp_high)
     tile_um, sub_px = tile_size * mpp_low, tile_size // ratio
     positions = [(r, c) for r in range(int(spec.height_um // tile_um)) for c in range(int(spec.width_um // tile_um))]
+    rendered = {(r, c): render_region(spec, c * tile_um, r * tile_um, tile_size, tile_size, mpp_low).rgb
+                for r, c in positions}
+    tissue = [tile for tile in rendered.values() if white_fraction(tile[None])[0] <= 0.6]
+    if not tissue:
+        return np.zeros(0)
+    normaliser = fit_stains(np.stack([tissue[i] for i in stain_fit_indices(len(tissue))]))
     scores: list[float] = []
     for r, c in rng.permutation(positions):
-        low = render_region(spec, c * tile_um, r * tile_um, tile_size, tile_size, mpp_low).rgb[None]
+        low = rendered[(r, c)][None]
         if white_fraction(low)[0] > 0.6:
             continue
         low = normaliser(low)

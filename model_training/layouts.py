@@ -4,15 +4,13 @@ Images are resampled from the dataset's pixel spacing to the training
 spacing, cut into non-overlapping ``tile_size`` tiles (an image smaller than
 one tile becomes one tile), tiles more than 60 % white are dropped and the
 rest are Macenko-normalised with the shared preprocessing: the stain
-normaliser is fitted once per slide (all images of one slide/patient,
-downsampled to :data:`worker.preprocessing.THUMBNAIL_MPP` and tiled into a
-mosaic), never per tile. Labels are per image; the tumour fraction of these
+normaliser is fitted once per slide (on a sample of the kept tiles of all
+images of one slide/patient, as the worker fits a slide), never per tile. Labels are per image; the tumour fraction of these
 tiles is unknown (NaN), so only the class head learns from them.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,7 +22,8 @@ from PIL import Image
 from model_training.splits import split_datasets
 from model_training.tileset import SlideInfo, TileSet
 from worker.aggregate import CLASSES
-from worker.preprocessing import THUMBNAIL_MPP, fit_slide, white_fraction
+from worker.preprocessing import fit_stains, white_fraction
+from worker.tiles import stain_fit_indices
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 #: Folder / file-name spellings of the HER2 classes.
@@ -109,19 +108,6 @@ def _cut(rgb: np.ndarray, tile_size: int) -> list[np.ndarray]:
             for r in range(0, h - tile_size + 1, tile_size) for c in range(0, w - tile_size + 1, tile_size)]
 
 
-def _mosaic(images: list[np.ndarray], data_mpp: float) -> np.ndarray:
-    """The slide's images at the thumbnail spacing, side by side in a square grid (for the stain fit)."""
-    small = [_resample(im, data_mpp / THUMBNAIL_MPP) for im in images]
-    side = max(max(s.shape[0] for s in small), max(s.shape[1] for s in small))
-    cols = math.ceil(math.sqrt(len(small)))
-    rows = math.ceil(len(small) / cols)
-    out = np.full((rows * side, cols * side, 3), 255, np.uint8)
-    for i, s in enumerate(small):
-        r, c = divmod(i, cols)
-        out[r * side : r * side + s.shape[0], c * side : c * side + s.shape[1]] = s
-    return out
-
-
 def images_tileset(images: list[LabelledImage], centre: str, tile_size: int, data_mpp: float, mpp: float,
                    white_fraction_max: float = 0.6) -> TileSet:
     """Tiles of labelled images at ``mpp`` um/px, one slide per patient, normalised per slide."""
@@ -130,11 +116,13 @@ def images_tileset(images: list[LabelledImage], centre: str, tile_size: int, dat
         by_patient[im.patient_id].append(im)
     tiles, labels, slide_of, slides = [], [], [], []
     for patient, items in sorted(by_patient.items()):
-        rgbs = [np.asarray(Image.open(im.path).convert("RGB")) for im in items]
-        _, normaliser = fit_slide(_mosaic(rgbs, data_mpp))
-        for im, rgb in zip(items, rgbs):
-            cut = np.stack(_cut(_resample(rgb, data_mpp / mpp), tile_size))
-            cut = cut[white_fraction(cut) <= white_fraction_max]
+        cuts = []
+        for im in items:
+            cut = np.stack(_cut(_resample(np.asarray(Image.open(im.path).convert("RGB")), data_mpp / mpp), tile_size))
+            cuts.append(cut[white_fraction(cut) <= white_fraction_max])
+        kept = np.concatenate(cuts)
+        normaliser = fit_stains(kept[list(stain_fit_indices(len(kept)))])
+        for im, cut in zip(items, cuts):
             if len(cut):
                 tiles.append(normaliser(cut))
                 labels.extend([im.label] * len(cut))

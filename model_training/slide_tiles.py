@@ -63,10 +63,9 @@ def read_slide_tiles(slide: Slide, tile_size: int, mpp: float, reference: StainR
     Returns the tiles, their grid positions (row, col) and the prepared slide (survey with tissue mask,
     level, grid) they came from. ``normalise=False`` keeps the tiles' original stain colours (to measure what normalisation buys).
     """
-    survey = survey_slide(slide, reference)
+    prepared = prepare_slide(slide, survey_slide(slide), tile_size, mpp, reference)
     if not normalise:
-        survey = replace(survey, normaliser=Unnormalised())
-    prepared = prepare_slide(slide, survey, tile_size, mpp)
+        prepared = replace(prepared, normaliser=Unnormalised())
     tiles, positions = [], []
     for batch in tile_batches(prepared, batch_size, threads, white_fraction_max):
         tiles.append(batch.tiles)

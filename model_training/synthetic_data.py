@@ -30,7 +30,7 @@ from model_training.tileset import CALL_CLASS, SlideInfo, TileSet
 from worker.aggregate import CLASSES
 
 #: Bump when the way slides become tiles changes, so stale caches are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 DEFAULT_CACHE = Path("out") / "training-cache"
 
 

@@ -10,7 +10,7 @@ from worker.preprocessing import (
     THUMBNAIL_MPP,
     StainNormaliser,
     candidate_tiles,
-    fit_slide,
+    fit_stains,
     grid_for_level,
     tissue_mask,
     white_fraction,
@@ -64,10 +64,30 @@ def test_tissue_mask_matches_ground_truth():
     assert iou > 0.85
 
 
-def test_fit_slide_is_close_to_identity_on_reference_centre():
+def _tiles(spec: SlideSpec, mpp: float = 1.0) -> np.ndarray:
+    return np.stack([render_region(spec, x, y, 512, 512, mpp).rgb for x in (0, 512 * mpp) for y in (0, 512 * mpp)])
+
+
+def test_fit_stains_is_close_to_identity_on_reference_centre():
     spec = SlideSpec(seed=4, width_um=2048, height_um=2048, class_mix={"3+": 1.0}, centre="A")
-    _, norm = fit_slide(render_thumbnail(spec))
-    assert 0.8 < norm.h_scale < 1.25
+    norm = fit_stains(_tiles(spec))
+    assert 0.85 < norm.h_scale < 1.2
+
+
+def test_haematoxylin_only_slides_get_no_dab_from_other_centres_stain():
+    """Haematoxylin is fitted as the pixels' most common direction (here centre B's, 6 deg off the reference),
+    so normalisation adds no false DAB: with thumbnail pixels or Macenko's extreme angle centre B's 0 looked
+    like centre A's 1+."""
+    dab = {}
+    for centre in ("A", "B"):
+        for grade in ("0", "1+"):
+            spec = SlideSpec(seed=5, width_um=1024, height_um=1024, class_mix={grade: 1.0}, centre=centre)
+            tiles = _tiles(spec)
+            norm = fit_stains(tiles)
+            assert norm.notes == []
+            dab[centre, grade] = float(np.percentile(norm.concentrations(tiles)[..., 1], 99.9))
+    assert dab["B", "0"] < 0.8 * dab["A", "1+"] and dab["A", "0"] < 0.8 * dab["A", "1+"]
+    assert dab["B", "0"] < dab["B", "1+"]
 
 
 def test_white_fraction_and_candidates():

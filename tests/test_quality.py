@@ -7,11 +7,11 @@ import pytest
 
 from dicom_io.wsi import open_slide
 from model_training.slide_tiles import synthetic_slide_tiles
-from model_training.synthetic import SlideSpec, render_thumbnail
+from model_training.synthetic import SlideSpec, render_region, render_thumbnail
 from model_training.synthetic_dicom import write_synthetic_slide
 from worker.aggregate import SlideCall
 from worker.pipeline import score_slide
-from worker.preprocessing import fit_slide, optical_density
+from worker.preprocessing import fit_stains, optical_density, tissue_mask
 from worker.quality import QualityReport, check_graded, check_slide, sharpness
 from worker.settings import load_settings
 
@@ -19,11 +19,16 @@ DATA = Path(__file__).parent / "data"
 SETTINGS = load_settings()
 
 
-def slide_report(**kwargs):
+def slide_report(factor: float = 1.0, **kwargs):
+    """QC of a synthetic slide as the worker runs it: thumbnail and tissue mask, stains fitted on 10x tiles.
+
+    ``factor`` scales every stain's optical density (faded < 1 < overstained).
+    """
     spec = SlideSpec(width_um=2048, height_um=2048, **kwargs)
-    thumb = render_thumbnail(spec)
-    mask, normaliser = fit_slide(thumb)
-    return check_slide(thumb, mask, normaliser, SETTINGS)
+    thumb = restained(render_thumbnail(spec), factor)
+    tiles = restained(np.stack([render_region(spec, x, y, 512, 512, 1.0).rgb for x in (512, 1024) for y in (512, 1024)]),
+                      factor)
+    return check_slide(thumb, tissue_mask(thumb), fit_stains(tiles), SETTINGS)
 
 
 def test_clean_ihc_slides_pass():
@@ -42,8 +47,7 @@ def test_real_he_slide_is_not_assessable():
     """The Camelyon H&E lymph-node slide (real data, Apache-2.0/CC0) is recognised as not IHC."""
     with open_slide(DATA / "camelyon_he.dcm") as slide:
         thumb, _ = slide.thumbnail(8.0)
-    mask, normaliser = fit_slide(thumb)
-    report = check_slide(thumb, mask, normaliser, SETTINGS)
+    report = check_slide(thumb, tissue_mask(thumb), fit_stains(np.zeros((0, 1, 1, 3), np.uint8)), SETTINGS)
     assert report.measures["eosin_share"] > 0.2
     assert "not a HER2 IHC" in report.not_assessable[0]
 
@@ -82,21 +86,28 @@ def test_too_little_tumour_is_not_assessable(tmp_path):
     assert len(score.flags) == len(set(score.flags))
 
 
-def restained(thumbnail: np.ndarray, factor: float) -> np.ndarray:
-    """The same slide with every stain's optical density scaled by ``factor`` (faded < 1 < overstained)."""
-    od = optical_density(thumbnail) * factor
+def restained(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """The same pixels with every stain's optical density scaled by ``factor`` (faded < 1 < overstained)."""
+    if factor == 1.0:
+        return rgb
+    od = optical_density(rgb) * factor
     return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("factor, flag", [
-    (0.3, ("QC: stain outside the training distribution (haematoxylin colour or amount not estimable: stain too "
-           "faint or off-colour)")),
-    (2.5, "QC: stain outside the training distribution (haematoxylin scale 0.36 outside [0.5, 2.0])"),
+SCALE_FLAG = "QC: stain outside the training distribution (haematoxylin scale {:.2f} outside [0.5, 2.0])"
+
+
+@pytest.mark.parametrize("factor, h_scale, flag", [
+    (0.2, None, ("QC: stain outside the training distribution (haematoxylin colour or amount not estimable: stain "
+                 "too faint or off-colour)")),
+    (0.3, (2.0, 5.0), SCALE_FLAG),
+    (2.5, (0.2, 0.5), SCALE_FLAG),
 ])
-def test_stain_out_of_training_distribution_is_flagged(factor, flag):
-    thumb = render_thumbnail(SlideSpec(seed=1, width_um=2048, height_um=2048, class_mix={"2+": 1.0}))
-    mask, normaliser = fit_slide(restained(thumb, factor))
-    report = check_slide(restained(thumb, factor), mask, normaliser, SETTINGS)
-    assert flag in report.flags and report.not_assessable == []
-    mask, normaliser = fit_slide(thumb)
-    assert check_slide(thumb, mask, normaliser, SETTINGS).flags == []
+def test_stain_out_of_training_distribution_is_flagged(factor, h_scale, flag):
+    """Faded (stains at 20 % / 30 % of their optical density) and overstained (250 %) versions of a clean slide."""
+    report = slide_report(factor, seed=1, class_mix={"2+": 1.0})
+    measured = report.measures["h_scale"]
+    if h_scale is not None:
+        assert h_scale[0] < measured < h_scale[1]
+    assert flag.format(measured) in report.flags and report.not_assessable == []
+    assert slide_report(seed=1, class_mix={"2+": 1.0}).flags == []

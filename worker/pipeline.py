@@ -31,7 +31,7 @@ from worker.inference import TileModel
 from worker.overlay import write_overlay
 from worker.settings import Settings
 from worker.quality import QualityReport, check_graded, check_slide, sharpness
-from worker.tiles import PreparedSlide, level_grid, prepare_slide, survey_slide, tile_batches
+from worker.tiles import PreparedSlide, prepare_slide, survey_slide, tile_batches
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,13 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
     with open_slide(series_dir) as slide:
         model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
                            settings.white_fraction_max)
-        survey = survey_slide(slide, model.card.stain)
-        quality = check_slide(survey.thumbnail, survey.mask, survey.normaliser, settings)
+        survey = survey_slide(slide)
+        prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
+        level = prepared.level
+        quality = check_slide(survey.thumbnail, survey.mask, prepared.normaliser, settings)
         if quality.not_assessable:
-            level = slide.levels[0]
-            grid = level_grid(level, model.card.tile_size)
-            score, stats = not_assessable(grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
+            score, stats = not_assessable(prepared.grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
         else:
-            prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp)
-            level, grid = prepared.level, prepared.grid
             score, stats = grade_tiles(prepared, model, settings, quality, progress)
         level_ds = slide.level_dataset(level.index)
         algorithm = AlgorithmInfo(name=model.card.name, version=model.card.version,

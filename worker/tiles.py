@@ -1,8 +1,10 @@
 """From an opened slide to batches of normalised tissue tiles: the path inference and training share.
 
-``survey_slide`` finds tissue on a thumbnail at :data:`THUMBNAIL_MPP` and fits
-the slide's stain normaliser there, ``prepare_slide`` lays the tile grid at the
-model's magnification; ``tile_batches`` reads only tissue tiles and, in a
+``survey_slide`` finds tissue on a thumbnail at :data:`THUMBNAIL_MPP`,
+``prepare_slide`` lays the tile grid at the model's magnification and fits the
+slide's stain normaliser on a sample of its tissue tiles there (stain vectors
+of thumbnail pixels are biased: averaging intensities over 8 um mixes stains
+non-linearly in optical density); ``tile_batches`` reads only tissue tiles and, in a
 thread pool a bounded number of batches ahead of the consumer, decodes each,
 drops it if it has too much white background and normalises it, so all of
 that overlaps inference and memory does not grow with the slide. Training reads
@@ -27,37 +29,36 @@ from worker.preprocessing import (
     StainNormaliser,
     StainReference,
     candidate_tiles,
-    fit_slide,
+    fit_stains,
     grid_for_level,
+    tissue_mask,
     white_fraction,
 )
 
 Position = tuple[int, int]
+#: Tissue tiles, spread evenly over the slide, on which its stains are fitted.
+STAIN_FIT_TILES = 16
 
 
 @dataclass
 class SlideSurvey:
-    """The whole slide at low resolution: thumbnail, its spacing, tissue mask and fitted stain normaliser."""
+    """The whole slide at low resolution: thumbnail, its spacing and tissue mask."""
 
     thumbnail: np.ndarray
     thumbnail_mpp: float
     mask: np.ndarray
-    normaliser: StainNormaliser
 
 
 @dataclass
 class PreparedSlide:
-    """A slide ready for tiling: survey, scored level, grid, tissue tiles and tile reader."""
+    """A slide ready for tiling: survey, scored level, grid, tissue tiles, tile reader and stain normaliser."""
 
     survey: SlideSurvey
     level: LevelInfo
     grid: TileGrid
     candidates: list[Position]
     read: Callable[[int, int], np.ndarray]
-
-    @property
-    def normaliser(self) -> StainNormaliser:
-        return self.survey.normaliser
+    normaliser: StainNormaliser
 
 
 @dataclass
@@ -71,23 +72,37 @@ class TileBatch:
     read: int
 
 
-def survey_slide(slide: Slide, reference: StainReference) -> SlideSurvey:
-    """Thumbnail at :data:`THUMBNAIL_MPP`, tissue mask and the slide's stain fit."""
+def survey_slide(slide: Slide) -> SlideSurvey:
+    """Thumbnail at :data:`THUMBNAIL_MPP` and its tissue mask."""
     thumbnail, thumbnail_mpp = slide.thumbnail(THUMBNAIL_MPP)
-    mask, normaliser = fit_slide(thumbnail, reference)
-    return SlideSurvey(thumbnail, thumbnail_mpp, mask, normaliser)
+    return SlideSurvey(thumbnail, thumbnail_mpp, tissue_mask(thumbnail))
 
 
-def level_grid(level: LevelInfo, tile_size: int) -> TileGrid:
-    """The non-overlapping ``tile_size`` grid covering pyramid ``level``."""
-    return grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
-
-
-def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float) -> PreparedSlide:
-    """Tile grid at ``mpp`` um/px with the tissue tiles found by the survey."""
+def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
+                  reference: StainReference) -> PreparedSlide:
+    """Tile grid at ``mpp`` um/px with the tissue tiles found by the survey, and the slide's stain normaliser."""
     level = slide.level_for_mpp(mpp)
-    grid = level_grid(level, tile_size)
-    return PreparedSlide(survey, level, grid, candidate_tiles(survey.mask, grid), slide.tile_reader(level, tile_size))
+    grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
+    candidates = candidate_tiles(survey.mask, grid)
+    read = slide.tile_reader(level, tile_size)
+    return PreparedSlide(survey, level, grid, candidates, read, fit_stains(stain_sample(read, candidates), reference))
+
+
+def stain_fit_indices(n: int) -> range:
+    """Indices of at most :data:`STAIN_FIT_TILES` of ``n`` tissue tiles, evenly spaced: the tiles the stain fit sees."""
+    step = max(1, -(-n // STAIN_FIT_TILES))
+    return range(step // 2, n, step)
+
+
+def stain_sample(read: Callable[[int, int], np.ndarray], candidates: list[Position]) -> np.ndarray:
+    """The decodable tiles among :func:`stain_fit_indices` of ``candidates`` (N, T, T, 3)."""
+    tiles = []
+    for pos in (candidates[i] for i in stain_fit_indices(len(candidates))):
+        try:
+            tiles.append(read(*pos))
+        except CorruptTileError:
+            continue
+    return np.stack(tiles) if tiles else np.zeros((0, 1, 1, 3), np.uint8)
 
 
 #: A tile as the pool hands it back: None if corrupt, else (normalised tile or None if too white, white fraction).

@@ -3,9 +3,9 @@ training (``model_training``): tissue mask, tile grid and white filter, and
 Macenko stain normalisation with DAB kept on an absolute scale.
 """
 
-from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, optical_density
+from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, fit_stains, optical_density
 from worker.preprocessing.tiling import candidate_tiles, grid_for_level, white_fraction
-from worker.preprocessing.tissue import THUMBNAIL_MPP, fit_slide, tissue_mask
+from worker.preprocessing.tissue import THUMBNAIL_MPP, tissue_mask
 
 __all__ = [
     "THUMBNAIL_MPP",
@@ -13,7 +13,7 @@ __all__ = [
     "StainNormaliser",
     "StainReference",
     "candidate_tiles",
-    "fit_slide",
+    "fit_stains",
     "grid_for_level",
     "optical_density",
     "tissue_mask",

@@ -13,10 +13,9 @@ from skimage.filters import threshold_otsu
 from scipy import ndimage
 from skimage.morphology import remove_small_objects
 
-from worker.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, optical_density
+from worker.preprocessing.stain import optical_density
 
 #: Pixel spacing (um) of the thumbnail on which tissue is found and stains are fitted.
-#: Inference and training must both use it: the haematoxylin percentile depends on resolution.
 THUMBNAIL_MPP = 8.0
 #: Optical density (sum over RGB) below which a pixel is glass whatever Otsu says.
 MIN_TISSUE_OD = 0.25
@@ -35,13 +34,3 @@ def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     mask = od > threshold
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool))
     return remove_small_objects(mask, max_size=min_object_px)
-
-
-def fit_slide(thumbnail: np.ndarray, reference: StainReference = REFERENCE) -> tuple[np.ndarray, StainNormaliser]:
-    """Tissue mask of a slide's thumbnail (at :data:`THUMBNAIL_MPP`) and the stain normaliser fitted on its tissue.
-
-    The one entry point both inference and training use to prepare a slide.
-    """
-    mask = tissue_mask(thumbnail)
-    pixels = thumbnail[mask] if mask.any() else thumbnail.reshape(-1, 3)
-    return mask, StainNormaliser.fit(pixels, reference)
