@@ -152,18 +152,18 @@ def cross_magnification_consistency(model_low: TileClassifier, model_high: TileC
     ratio = round(mpp_low / mpp_high)
     tile_um, sub_px = tile_size * mpp_low, tile_size // ratio
     positions = [(r, c) for r in range(int(spec.height_um // tile_um)) for c in range(int(spec.width_um // tile_um))]
-    rendered = {(r, c): render_region(spec, c * tile_um, r * tile_um, tile_size, tile_size, mpp_low).rgb
-                for r, c in positions}
-    tissue = [tile for tile in rendered.values() if white_fraction(tile[None])[0] <= 0.6]
+    rendered = ((pos, render_region(spec, pos[1] * tile_um, pos[0] * tile_um, tile_size, tile_size, mpp_low).rgb)
+                for pos in positions)
+    tissue = {pos: tile for pos, tile in rendered if white_fraction(tile[None])[0] <= 0.6}
     if not tissue:
         return np.zeros(0)
-    normaliser = fit_stains(np.stack([tissue[i] for i in stain_fit_indices(len(tissue))]))
+    kept = list(tissue.values())
+    normaliser = fit_stains(np.stack([kept[i] for i in stain_fit_indices(len(kept))]))
     scores: list[float] = []
     for r, c in rng.permutation(positions):
-        low = rendered[(r, c)][None]
-        if white_fraction(low)[0] > 0.6:
+        if (r, c) not in tissue:
             continue
-        low = normaliser(low)
+        low = normaliser(tissue[(r, c)][None])
         target = _predicted(model_low, low)
         i, j = rng.integers(0, ratio, 2)
         high = normaliser(render_region(spec, c * tile_um + j * sub_px * mpp_low, r * tile_um + i * sub_px * mpp_low,

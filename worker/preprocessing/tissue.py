@@ -15,7 +15,7 @@ from skimage.morphology import remove_small_objects
 
 from worker.preprocessing.stain import optical_density
 
-#: Pixel spacing (um) of the thumbnail on which tissue is found and stains are fitted.
+#: Pixel spacing (um) of the thumbnail on which tissue is found (stains are fitted on tiles: worker.tiles).
 THUMBNAIL_MPP = 8.0
 #: Optical density (sum over RGB) below which a pixel is glass whatever Otsu says.
 MIN_TISSUE_OD = 0.25
