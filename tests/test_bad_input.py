@@ -131,12 +131,16 @@ def edit(path: Path, **values) -> None:
     ds.save_as(path)
 
 
-def replace_frames(path: Path, indices) -> int:
-    """Overwrite the given JPEG frames with bytes that are no image; returns the number of frames."""
+def not_a_jpeg(frame: bytes) -> bytes:
+    return b"\x00 not a JPEG frame " * 8
+
+
+def replace_frames(path: Path, indices, damage=not_a_jpeg) -> int:
+    """Replace the given JPEG frames with ``damage(frame)`` (default: bytes that are no image); returns the count."""
     ds = pydicom.dcmread(path)
     frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
     for i in indices(len(frames)):
-        frames[i] = b"\x00 not a JPEG frame " * 8
+        frames[i] = damage(frames[i])
     ds.PixelData = encapsulate(frames)
     ds.save_as(path)
     return len(frames)
@@ -207,9 +211,12 @@ def test_series_without_low_resolution_levels_is_refused_before_reading_it_whole
                                   "lower-resolution levels")
 
 
-def test_a_few_corrupt_tiles_are_skipped_and_flagged(tmp_path, slides):
+@pytest.mark.parametrize("damage", [not_a_jpeg, lambda frame: frame[: len(frame) * 2 // 3]],
+                         ids=["not-a-jpeg", "truncated"])
+def test_a_few_corrupt_tiles_are_skipped_and_flagged(tmp_path, slides, damage):
+    """A truncated frame counts as corrupt too: libjpeg-turbo would decode it silently (grey lower part)."""
     folder = series_copy(tmp_path, slides["mixed"], "one-corrupt")
-    replace_frames(folder / "level-0.dcm", lambda n: [n // 2 + 4])  # a tile in the middle of the tissue
+    replace_frames(folder / "level-0.dcm", lambda n: [n // 2 + 4], damage)  # a tile in the middle of the tissue
     result, clean = score_slide(folder, load_settings()), score_slide(slides["mixed"], load_settings())
     assert (result.stats["tiles_corrupt"], clean.stats["tiles_corrupt"]) == (1, 0)
     assert result.stats["tiles_scored"] == clean.stats["tiles_scored"] - 1

@@ -99,3 +99,29 @@ def test_white_fraction_and_candidates():
     mask = np.zeros((6, 11), bool)
     mask[0:2, 0:2] = True
     assert candidate_tiles(mask, grid) == [(0, 0)]
+
+
+def test_colour_table_normaliser_equals_the_matrix_form():
+    """uint8 tiles go through the 2**24-colour table; float input through the matrix form: same result to 1 level."""
+    rng = np.random.default_rng(3)
+    img = immunohistochemistry()
+    norm = StainNormaliser.fit(img.reshape(-1, 3))
+    norm.h_scale = 1.3  # a slide whose counterstain is rescaled
+    colours = np.concatenate([img.reshape(-1, 3), rng.integers(0, 256, (200_000, 3), dtype=np.uint8)])
+    fast, matrix = norm(colours).astype(int), norm(colours.astype(np.float32)).astype(int)
+    assert np.abs(fast - matrix).max() <= 1
+    assert np.count_nonzero(fast != matrix) <= 1e-5 * fast.size
+    # Batches, odd shapes and views of any layout give the same pixels as one flat call.
+    tiles = img[:96, :99].copy()
+    assert np.array_equal(norm(tiles[None])[0], norm(tiles.reshape(-1, 3)).reshape(tiles.shape))
+    assert np.array_equal(norm(tiles[::2, ::3]), norm(np.ascontiguousarray(tiles[::2, ::3])))
+    for n in (0, 1, 2, 3):  # the last two pixels' codes are read apart from the strided view
+        assert np.array_equal(norm(colours[:n]), fast[:n].astype(np.uint8))
+
+
+def test_colour_codes_of_every_colour():
+    from worker.preprocessing.stain import colour_codes
+
+    codes = np.arange(1 << 24, dtype=np.int64)
+    rgb = np.stack([codes & 255, codes >> 8 & 255, codes >> 16], axis=-1).astype(np.uint8)
+    assert np.array_equal(colour_codes(rgb), codes)

@@ -11,9 +11,10 @@ from model_training.synthetic import SlideSpec, render_region, render_thumbnail
 from model_training.synthetic_dicom import write_synthetic_slide
 from worker.aggregate import SlideCall
 from worker.pipeline import score_slide
-from worker.preprocessing import fit_stains, optical_density, tissue_mask
+from worker.preprocessing import REFERENCE, fit_stains, optical_density, tissue_mask
 from worker.quality import QualityReport, check_graded, check_slide, sharpness
 from worker.settings import load_settings
+from worker.tiles import prepare_slide, sharpness_sample, spread_indices, survey_slide, tile_batches
 
 DATA = Path(__file__).parent / "data"
 SETTINGS = load_settings()
@@ -73,6 +74,27 @@ def test_blur_separates_through_the_dicom_path(tmp_path):
         check_graded(report, np.array([median]), 1.0, SETTINGS)
         flags[name] = report.flags
     assert flags == {"sharp": [], "blurred": [f"QC: out of focus (sharpness {medians['blurred']:.1f} < 3.0)"]}
+    # The job measures sharpness in the decode pool on a sample of tissue tiles (here: every one of them).
+    result = score_slide(tmp_path / "blurred", SETTINGS)
+    assert result.stats["qc_sharpness"] == pytest.approx(medians["blurred"], rel=1e-6)
+    assert f"QC: out of focus (sharpness {medians['blurred']:.1f} < 3.0)" in result.score.flags
+
+
+def test_sharpness_is_measured_only_on_the_sampled_tiles(tmp_path):
+    write_synthetic_slide(SlideSpec(seed=6, width_um=1536, height_um=1536, class_mix={"2+": 1.0}), tmp_path / "s")
+    with open_slide(tmp_path / "s") as slide:
+        prepared = prepare_slide(slide, survey_slide(slide), 512, 1.0, REFERENCE)
+        sample = frozenset(prepared.candidates[::3])
+        batches = list(tile_batches(prepared, 4, 2, 0.6, sample))
+    positions = [p for b in batches for p in b.positions]
+    measured = np.concatenate([b.sharpness for b in batches])
+    tiles = np.concatenate([b.tiles for b in batches])
+    in_sample = np.array([p in sample for p in positions])
+    assert in_sample.any() and not in_sample.all()
+    assert np.isnan(measured[~in_sample]).all()
+    assert np.array_equal(measured[in_sample], sharpness(tiles[in_sample]))
+    assert list(spread_indices(100, 32)) == list(range(2, 100, 4)) and list(spread_indices(5, 32)) == [0, 1, 2, 3, 4]
+    assert sorted(sharpness_sample([(i, i) for i in range(1000)])) == [(i, i) for i in range(16, 1000, 32)]
 
 
 def test_too_little_tumour_is_not_assessable(tmp_path):

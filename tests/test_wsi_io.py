@@ -62,3 +62,23 @@ def test_written_levels_pass_dciodvfy(slides):
         report = proc.stdout + proc.stderr
         assert "VLWholeSlideMicroscopyImage" in report
         assert not [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+def test_tile_reader_pixels_equal_pillow_decode_of_every_frame(slides):
+    """The fast tile path (imagecodecs) gives Pillow's pixels, frames with the fragment pad byte included."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import generate_frames
+
+    folder = slides["mixed"]
+    ds = pydicom.dcmread(folder / "level-0.dcm")
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    assert any(f.endswith(b"\xff\xd9\x00") for f in frames) and any(f.endswith(b"\xff\xd9") for f in frames)
+    with open_slide(folder) as slide:
+        level = slide.level_for_mpp(1.0)
+        read = slide.tile_reader(level, 512)
+        cols = int(ds.TotalPixelMatrixColumns) // 512
+        for i, frame in enumerate(frames):
+            expected = np.asarray(Image.open(io.BytesIO(frame)).convert("RGB"))
+            assert np.array_equal(read(i // cols, i % cols), expected), f"frame {i}"

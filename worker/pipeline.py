@@ -30,8 +30,8 @@ from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_
 from worker.inference import TileModel
 from worker.overlay import write_overlay
 from worker.settings import Settings
-from worker.quality import QualityReport, check_graded, check_slide, sharpness
-from worker.tiles import PreparedSlide, prepare_slide, survey_slide, tile_batches
+from worker.quality import QualityReport, check_graded, check_slide
+from worker.tiles import PreparedSlide, prepare_slide, sharpness_sample, survey_slide, tile_batches
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings, q
     corrupt = done = 0
     infer_seconds = 0.0
     tile_sharpness: list[np.ndarray] = []
-    for batch in tile_batches(prepared, settings.batch_size, settings.decode_threads, settings.white_fraction_max):
+    for batch in tile_batches(prepared, settings.batch_size, settings.decode_threads, settings.white_fraction_max,
+                              sharpness_sample(prepared.candidates)):
         corrupt += batch.corrupt
         done += batch.read
         if batch.positions:
@@ -121,9 +122,7 @@ def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings, q
             probabilities[rows, cols] = pred.probabilities
             tumour[rows, cols] = fractions
             scored[rows, cols] = True
-            # Blur QC on a fixed sample (first 4 batches, then one in 8): it costs more than the tiny model.
-            if len(tile_sharpness) < 4 or len(tile_sharpness) * 8 <= done // settings.batch_size:
-                tile_sharpness.append(sharpness(batch.tiles))
+            tile_sharpness.append(batch.sharpness[~np.isnan(batch.sharpness)])
         if progress:
             progress(done, len(prepared.candidates))
     if corrupt > MAX_CORRUPT_SHARE * max(1, len(prepared.candidates)):

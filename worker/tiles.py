@@ -24,6 +24,7 @@ import numpy as np
 from dicom_io.errors import CorruptTileError
 from dicom_io.wsi import LevelInfo, Slide
 from worker.aggregate import TileGrid
+from worker.quality import sharpness
 from worker.preprocessing import (
     THUMBNAIL_MPP,
     StainNormaliser,
@@ -38,6 +39,8 @@ from worker.preprocessing import (
 Position = tuple[int, int]
 #: Tissue tiles, spread evenly over the slide, on which its stains are fitted.
 STAIN_FIT_TILES = 16
+#: Tissue tiles, spread evenly over the slide, whose sharpness blur QC measures (its median is what QC uses).
+SHARPNESS_TILES = 32
 
 
 @dataclass
@@ -63,11 +66,15 @@ class PreparedSlide:
 
 @dataclass
 class TileBatch:
-    """Kept tiles of one batch (normalised, uint8 NHWC), their positions and white fractions."""
+    """Kept tiles of one batch (normalised, uint8 NHWC), their positions, white fractions and sharpness.
+
+    ``sharpness`` is NaN for tiles outside the sample given to :func:`tile_batches`.
+    """
 
     positions: list[Position]
     tiles: np.ndarray
     white: np.ndarray
+    sharpness: np.ndarray
     corrupt: int
     read: int
 
@@ -88,10 +95,20 @@ def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
     return PreparedSlide(survey, level, grid, candidates, read, fit_stains(stain_sample(read, candidates), reference))
 
 
-def stain_fit_indices(n: int) -> range:
-    """Indices of at most :data:`STAIN_FIT_TILES` of ``n`` tissue tiles, evenly spaced: the tiles the stain fit sees."""
-    step = max(1, -(-n // STAIN_FIT_TILES))
+def spread_indices(n: int, k: int) -> range:
+    """Indices of at most ``k`` of ``n`` items, evenly spaced."""
+    step = max(1, -(-n // k))
     return range(step // 2, n, step)
+
+
+def stain_fit_indices(n: int) -> range:
+    """Indices of the :data:`STAIN_FIT_TILES` of ``n`` tissue tiles the stain fit sees."""
+    return spread_indices(n, STAIN_FIT_TILES)
+
+
+def sharpness_sample(candidates: list[Position]) -> frozenset[Position]:
+    """The :data:`SHARPNESS_TILES` tissue tiles, spread over the slide, whose sharpness QC measures."""
+    return frozenset(candidates[i] for i in spread_indices(len(candidates), SHARPNESS_TILES))
 
 
 def stain_sample(read: Callable[[int, int], np.ndarray], candidates: list[Position]) -> np.ndarray:
@@ -105,20 +122,23 @@ def stain_sample(read: Callable[[int, int], np.ndarray], candidates: list[Positi
     return np.stack(tiles) if tiles else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-#: A tile as the pool hands it back: None if corrupt, else (normalised tile or None if too white, white fraction).
-Prepared = tuple[np.ndarray | None, float] | None
+#: A tile as the pool hands it back: None if corrupt, else
+#: (normalised tile or None if too white, white fraction, sharpness or NaN if not sampled).
+Prepared = tuple[np.ndarray | None, float, float] | None
 
 
-def _prepare_tile(prepared: PreparedSlide, pos: Position, white_fraction_max: float) -> Prepared:
-    """Read, decode, white-filter and normalise one tile (runs in a pool thread; numpy releases the GIL)."""
+def _prepare_tile(prepared: PreparedSlide, pos: Position, white_fraction_max: float,
+                  measure_sharpness: bool) -> Prepared:
+    """Read, decode, white-filter, normalise and maybe measure one tile (in a pool thread; numpy releases the GIL)."""
     try:
         tile = prepared.read(*pos)
     except CorruptTileError:
         return None
     white = float(white_fraction(tile))
     if white > white_fraction_max:
-        return None, white
-    return prepared.normaliser(tile[None])[0], white
+        return None, white, np.nan
+    tile = prepared.normaliser(tile)
+    return tile, white, float(sharpness(tile[None])[0]) if measure_sharpness else np.nan
 
 
 def _read_ahead(prepare: Callable[[Position], Prepared], positions: list[Position], batch_size: int,
@@ -137,25 +157,30 @@ def _read_ahead(prepare: Callable[[Position], Prepared], positions: list[Positio
             yield done, [f.result() for f in futures]
 
 
-def tile_batches(prepared: PreparedSlide, batch_size: int, threads: int,
-                 white_fraction_max: float) -> Iterator[TileBatch]:
-    """Normalised tissue tiles in batches; tiles over ``white_fraction_max`` white are dropped."""
+def tile_batches(prepared: PreparedSlide, batch_size: int, threads: int, white_fraction_max: float,
+                 sharpness_at: frozenset[Position] = frozenset()) -> Iterator[TileBatch]:
+    """Normalised tissue tiles in batches; tiles over ``white_fraction_max`` white are dropped.
+
+    Kept tiles at positions in ``sharpness_at`` get their blur-QC sharpness
+    measured in the pool too (e.g. :func:`sharpness_sample`).
+    """
 
     def prepare(pos: Position) -> Prepared:
-        return _prepare_tile(prepared, pos, white_fraction_max)
+        return _prepare_tile(prepared, pos, white_fraction_max, pos in sharpness_at)
 
     size = prepared.grid.tile_size
     for positions, results in _read_ahead(prepare, prepared.candidates, batch_size, threads):
         good = [(p, r) for p, r in zip(positions, results) if r is not None]
         corrupt = len(positions) - len(good)
         if not good:
-            yield TileBatch([], np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0), corrupt, len(positions))
+            yield TileBatch([], np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0), np.zeros(0), corrupt, len(positions))
             continue
-        kept = [(p, tile, white) for p, (tile, white) in good if tile is not None]
+        kept = [(p, tile, white, sharp) for p, (tile, white, sharp) in good if tile is not None]
         yield TileBatch(
-            positions=[p for p, _, _ in kept],
-            tiles=np.stack([t for _, t, _ in kept]) if kept else np.zeros((0, size, size, 3), np.uint8),
-            white=np.array([w for _, _, w in kept], dtype=np.float64),
+            positions=[k[0] for k in kept],
+            tiles=np.stack([k[1] for k in kept]) if kept else np.zeros((0, size, size, 3), np.uint8),
+            white=np.array([k[2] for k in kept], dtype=np.float64),
+            sharpness=np.array([k[3] for k in kept], dtype=np.float64),
             corrupt=corrupt,
             read=len(positions),
         )

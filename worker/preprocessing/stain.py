@@ -26,6 +26,9 @@ All operations are vectorised over a batch of tiles and are NaN-free on empty
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,8 +41,10 @@ OD_FIT_MIN = 0.15
 
 #: Optical density of each of the 256 uint8 intensities: a lookup replaces a log per pixel (bit-identical).
 _OD_TABLE = -np.log((np.arange(256, dtype=np.float32) + 1.0) / (I0 + 1.0))
-#: Pixels normalised per step: temporaries stay in the CPU cache and memory stays flat whatever the batch size.
-_CHUNK_PX = 1 << 16
+#: Guards the lazy build of a normaliser's colour table (pool threads normalise tiles of one slide).
+_LUT_LOCK = threading.Lock()
+#: At most this many threads build a colour table (about 0.25 s of CPU).
+_LUT_BUILD_THREADS = 4
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -181,57 +186,84 @@ class StainNormaliser:
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """Normalised uint8 RGB tiles, same shape as ``tiles``.
 
-        The same arithmetic as :meth:`concentrations` followed by re-expression
-        on the reference stains, computed without a per-pixel log: each
-        channel's contribution to each concentration is a 256-entry table
-        (optical density times the column of the pseudo-inverse), so a pixel's
-        H and DAB concentrations are three lookups and two additions. Work runs
-        in chunks of :data:`_CHUNK_PX` pixels in float32 (results equal the
-        matrix form up to float rounding: at most 1 grey level on a few pixels
-        in ten million).
+        A uint8 pixel's output depends only on its colour, so the normaliser
+        is a table of all 2**24 colours (:meth:`lookup_table`, built on the
+        first call, 48 MiB) and a call is one lookup per pixel: the colour's
+        24-bit code is read straight from the pixel bytes. Other dtypes go
+        through the matrix form of :meth:`concentrations`; both agree to 1
+        grey level (float32 rounding, on a few pixels in ten million).
         """
         tiles = np.asarray(tiles)
         if tiles.dtype != np.uint8:
             conc = self.concentrations(tiles)
             rgb = (I0 + 1.0) * np.exp(-(conc @ self.reference.matrix())) - 1.0
             return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        tables, out_coef = self._tables()
-        flat = np.ascontiguousarray(tiles).reshape(-1, 3)
-        out = np.empty_like(flat)
-        n = min(len(flat), _CHUNK_PX)
-        h, d, tmp, o = (np.empty(n, np.float32) for _ in range(4))
-        h_scale = np.float32(self.h_scale)
-        for start in range(0, len(flat), _CHUNK_PX):
-            px = flat[start : start + _CHUNK_PX]
-            m = len(px)
-            hh, dd, tt, oo = h[:m], d[:m], tmp[:m], o[:m]
-            for conc, table in ((hh, tables[0]), (dd, tables[1])):
-                np.take(table[0], px[:, 0], out=conc)
-                np.take(table[1], px[:, 1], out=tt)
-                conc += tt
-                np.take(table[2], px[:, 2], out=tt)
-                conc += tt
-                np.maximum(conc, 0.0, out=conc)
-            hh *= h_scale
-            for k in range(3):
-                np.multiply(hh, out_coef[0, k], out=oo)
-                np.multiply(dd, out_coef[1, k], out=tt)
-                oo += tt
-                np.exp(oo, out=oo)
-                oo *= np.float32(I0 + 1.0)
-                oo -= np.float32(1.0)
-                np.rint(oo, out=oo)
-                np.clip(oo, 0.0, 255.0, out=oo)
-                out[start : start + m, k] = oo
-        return out.reshape(tiles.shape)
+        codes = colour_codes(tiles)
+        return self.lookup_table().take(codes, mode="clip").view(np.uint8).reshape(tiles.shape)
 
-    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel concentration tables (stain, channel, 256) and the negated reference matrix (2, 3)."""
-        key = (self.source_matrix.tobytes(), self.reference)
-        cached = self.__dict__.get("_table_cache")
-        if cached is None or cached[0] != key:
-            pinv = np.linalg.pinv(self.source_matrix).astype(np.float32)  # (3, 2)
-            tables = np.stack([[_OD_TABLE * pinv[c, j] for c in range(3)] for j in range(2)]).astype(np.float32)
-            cached = (key, tables, (-self.reference.matrix()).astype(np.float32))
-            self.__dict__["_table_cache"] = cached
-        return cached[1], cached[2]
+    def lookup_table(self) -> np.ndarray:
+        """The normalised colour of each of the 2**24 uint8 colours, indexed by :func:`colour_codes` (3-byte items).
+
+        Built once per normaliser (thread-safe), in float32 as the matrix form
+        is: each channel's contribution to each concentration is a 256-entry
+        table (optical density times the column of the pseudo-inverse), summed
+        over a plane of 65 536 colours at a time, then re-expressed on the
+        reference stains.
+        """
+        with _LUT_LOCK:
+            key = (self.source_matrix.tobytes(), self.h_scale, self.reference)
+            cached = self.__dict__.get("_lut")
+            if cached is None or cached[0] != key:
+                cached = (key, self._build_lookup_table())
+                self.__dict__["_lut"] = cached
+            return cached[1]
+
+    def _build_lookup_table(self) -> np.ndarray:
+        pinv = np.linalg.pinv(self.source_matrix).astype(np.float32)  # (3, 2)
+        tables = [[_OD_TABLE * pinv[c, j] for c in range(3)] for j in range(2)]  # stain j, channel c: (256,)
+        red_green = [(tables[j][0][None, :] + tables[j][1][:, None]).reshape(-1) for j in range(2)]  # green-major
+        out_coef = -self.reference.matrix()
+        h_scale = np.float32(self.h_scale)
+        lut = np.empty((256, 256 * 256, 3), np.uint8)  # (blue, green * 256 + red, channel)
+
+        def planes(blues: range) -> None:
+            hh, dd, tt, oo = (np.empty(256 * 256, np.float32) for _ in range(4))
+            for blue in blues:
+                for conc, j in ((hh, 0), (dd, 1)):
+                    np.add(red_green[j], tables[j][2][blue], out=conc)
+                    np.maximum(conc, 0.0, out=conc)
+                hh *= h_scale
+                for k in range(3):
+                    np.multiply(hh, out_coef[0, k], out=oo)
+                    np.multiply(dd, out_coef[1, k], out=tt)
+                    oo += tt
+                    np.exp(oo, out=oo)
+                    oo *= np.float32(I0 + 1.0)
+                    oo -= np.float32(1.0)
+                    np.rint(oo, out=oo)
+                    np.clip(oo, 0.0, 255.0, out=oo)
+                    lut[blue, :, k] = oo
+
+        workers = max(1, min(_LUT_BUILD_THREADS, os.cpu_count() or 1))  # numpy releases the GIL: planes in parallel
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(planes, [range(i, 256, workers) for i in range(workers)]))
+        return lut.reshape(-1).view("V3")
+
+
+def colour_codes(tiles: np.ndarray) -> np.ndarray:
+    """Each pixel's 24-bit colour code ``r + 256 g + 65536 b`` (int64, flat) of uint8 RGB (..., 3).
+
+    Read without arithmetic per channel: an 8-byte little-endian view at a
+    3-byte stride starts at each pixel's red byte, masked to 24 bits (the
+    last two pixels, whose view would run past the buffer, are read apart).
+    """
+    flat = np.ascontiguousarray(tiles, dtype=np.uint8).reshape(-1)
+    n = flat.size // 3
+    codes = np.empty(n, np.int64)
+    head = max(0, n - 2)
+    if head:
+        view = np.ndarray((head,), dtype="<i8", buffer=flat, strides=(3,))
+        np.bitwise_and(view, 0xFFFFFF, out=codes[:head])
+    tail = flat[3 * head :].reshape(-1, 3).astype(np.int64)
+    codes[head:] = tail[:, 0] | tail[:, 1] << 8 | tail[:, 2] << 16
+    return codes
