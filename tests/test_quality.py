@@ -14,7 +14,13 @@ from worker.pipeline import score_slide
 from worker.preprocessing import REFERENCE, fit_stains, optical_density, tissue_mask
 from worker.quality import QualityReport, check_graded, check_slide, sharpness
 from worker.settings import load_settings
-from worker.tiles import prepare_slide, sharpness_sample, spread_indices, survey_slide, tile_batches
+from worker.tiles import (
+    prepare_slide,
+    sharpness_sample,
+    spread_indices,
+    survey_slide,
+    tile_batches,
+)
 
 DATA = Path(__file__).parent / "data"
 SETTINGS = load_settings()

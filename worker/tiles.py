@@ -24,7 +24,6 @@ import numpy as np
 from dicom_io.errors import CorruptTileError
 from dicom_io.wsi import LevelInfo, Slide
 from worker.aggregate import TileGrid
-from worker.quality import sharpness
 from worker.preprocessing import (
     THUMBNAIL_MPP,
     StainNormaliser,
@@ -35,6 +34,7 @@ from worker.preprocessing import (
     tissue_mask,
     white_fraction,
 )
+from worker.quality import sharpness
 
 Position = tuple[int, int]
 #: Tissue tiles, spread evenly over the slide, on which its stains are fitted.
