@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.throughput [--small-only] [--cache DIR] [--device cpu|cuda|auto]
+    .venv/bin/python -m benchmarks.throughput [--small-only] [--cache DIR] [--device cpu|cuda|auto] [--arch resnet34]
 
 It renders (once; later runs reuse ``--cache``) a small and a large synthetic
 HER2 slide as DICOM, then prints, from this one run on this machine, a table of
@@ -15,7 +15,9 @@ HER2 slide as DICOM, then prints, from this one run on this machine, a table of
   whole-region ``read_region``, normalised, and graded by the torch definition
   of the model one tile at a time (ONNX Runtime one tile at a time if torch or
   the torch definition is not available; the row says which);
-* JPEG read + decode alone and Macenko normalisation alone (one thread each);
+* every per-tile stage alone, one thread each (JPEG read + decode, white
+  filter, Macenko normalisation, float input conversion, QC sharpness), and
+  the ceiling those stages put on end-to-end throughput on this machine's cores;
 * peak RSS of scoring each slide in a fresh process, and their ratio.
 
 Ratios are against the bare model of the same run. The benchmark asserts
@@ -91,6 +93,31 @@ def _settings(args: argparse.Namespace):
         if value is not None:
             overrides[key] = value
     return load_settings(**overrides)
+
+
+def random_init_model(arch: str, cache: Path, log) -> Path:
+    """``arch`` (a :mod:`model_training.models` architecture) with random weights, exported once into ``cache``.
+
+    Time per tile does not depend on the weights; the card is the bundled
+    model's with the architecture named, so the naive loop builds the same
+    torch definition. Needs the ``train`` extra (torch).
+    """
+    from model_training.export import export_onnx, write_card
+    from model_training.models import TileClassifier
+    from worker.model_card import card_path
+    from worker.settings import load_settings
+
+    path = cache / "models" / f"{arch}-random.onnx"
+    if not path.is_file():
+        log(f"exporting a randomly initialised {arch} into {path} ...")
+        default = Path(load_settings().model_path)
+        card = json.loads(card_path(default).read_text())
+        net = TileClassifier(arch, n_classes=len(card["classes"]))
+        export_onnx(net, path, card["input"]["tile_size"])
+        card.update(name=f"{arch}-random-init", version="0", metrics={},
+                    training={"arch": arch, "input_size": net.input_size, "weights": "random init (benchmark only)"})
+        write_card(card, path)
+    return path
 
 
 def _model(settings):
@@ -357,8 +384,10 @@ def run(args: argparse.Namespace) -> None:
     from worker.quality import sharpness
     from worker.tiles import SHARPNESS_TILES
 
-    settings = _settings(args)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.arch:
+        args.model_path = random_init_model(args.arch, args.cache, log)
+    settings = _settings(args)
     names = [args.small] if args.small_only else [args.small, args.large]
     dirs = {name: ensure_slide(name, args.cache, log) for name in names}
     model = _model(settings)
@@ -465,6 +494,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="ONNX Runtime provider (default cpu; cuda on a GPU machine)")
     p.add_argument("--model-path", type=Path, default=None, help="ONNX model (default: the configured model)")
+    p.add_argument("--arch", default=None,
+                   help="benchmark this model_training architecture (e.g. resnet34) with random weights instead "
+                        "(exported once into the cache; needs the train extra)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: settings)")
     p.add_argument("--decode-threads", type=int, default=None, help="decode threads (default: settings)")
     p.add_argument("--intra-op-threads", type=int, default=None, help="ORT intra-op threads (default: settings)")

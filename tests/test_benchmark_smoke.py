@@ -63,6 +63,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help():
     proc = _run("--help")
     assert proc.returncode == 0 and "--small-only" in proc.stdout and "--cache" in proc.stdout
+    assert "--arch" in proc.stdout
 
 
 def test_benchmark_prints_every_figure(tmp_path):
@@ -83,7 +84,8 @@ def test_benchmark_prints_every_figure(tmp_path):
         return value
 
     for label in ("bare model", "end-to-end score_slide, tiny slide", "end-to-end score_slide, tiny-wide slide",
-                  "naive loop", "JPEG read + decode alone", "white filter alone", "Macenko normalisation alone"):
+                  "naive loop", "JPEG read + decode alone", "white filter alone", "Macenko normalisation alone",
+                  "input conversion alone", "QC tile sharpness alone"):
         cells = row(label)
         positive(cells[1])  # tiles/s
         positive(cells[3])  # x bare model
@@ -95,7 +97,8 @@ def test_benchmark_prints_every_figure(tmp_path):
                     r"peak RSS tiny slide \(\d+ tissue tiles\): " + NUMBER + " MiB",
                     r"peak RSS tiny-wide slide \(\d+ tissue tiles\): " + NUMBER + " MiB",
                     r"peak RSS ratio large/small: " + NUMBER,
-                    r"ceiling with JPEG decode alone .*: " + NUMBER + " tiles/s"):
+                    r"ceiling with JPEG decode alone .*: " + NUMBER + " tiles/s",
+                    r"ceiling with every per-tile stage .*: " + NUMBER + " tiles/s"):
         match = re.search(pattern, out)
         assert match, (pattern, out)
         positive(match.group(1))
