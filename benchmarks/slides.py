@@ -53,6 +53,6 @@ def ensure_slide(name: str, cache: Path = DEFAULT_CACHE, log=print) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     mpx = spec.width_um * spec.height_um / BENCH_MPP**2 / 1e6
-    log(f"rendering benchmark slide {name!r} ({mpx:.0f} Mpx, ~{0.7 * mpx:.0f} s) into {folder}")
+    log(f"rendering benchmark slide {name!r} ({mpx:.0f} Mpx, 1-4 s per Mpx) into {folder}")
     write_synthetic_slide(spec, folder, mpp=BENCH_MPP)
     return folder
