@@ -102,7 +102,7 @@ def test_white_fraction_and_candidates():
 
 
 def test_colour_table_normaliser_equals_the_matrix_form():
-    """uint8 tiles go through the 2**24-colour table; float input through the matrix form: same result to 1 level."""
+    """uint8 tiles (table-based arithmetic) and float input (the matrix form) agree to 1 grey level."""
     rng = np.random.default_rng(3)
     img = immunohistochemistry()
     norm = StainNormaliser.fit(img.reshape(-1, 3))
@@ -115,13 +115,35 @@ def test_colour_table_normaliser_equals_the_matrix_form():
     tiles = img[:96, :99].copy()
     assert np.array_equal(norm(tiles[None])[0], norm(tiles.reshape(-1, 3)).reshape(tiles.shape))
     assert np.array_equal(norm(tiles[::2, ::3]), norm(np.ascontiguousarray(tiles[::2, ::3])))
-    for n in (0, 1, 2, 3):  # the last two pixels' codes are read apart from the strided view
+    for n in (0, 1, 2, 3):
         assert np.array_equal(norm(colours[:n]), fast[:n].astype(np.uint8))
 
 
-def test_colour_codes_of_every_colour():
-    from worker.preprocessing.stain import colour_codes
+def test_colour_codes_and_both_uint8_paths_agree_on_every_colour():
+    """The colour table holds, byte for byte, what the direct path computes, for all 2**24 colours."""
+    from worker.preprocessing.stain import LUT_AFTER_PX, colour_codes
 
     codes = np.arange(1 << 24, dtype=np.int64)
     rgb = np.stack([codes & 255, codes >> 8 & 255, codes >> 16], axis=-1).astype(np.uint8)
     assert np.array_equal(colour_codes(rgb), codes)
+    for n in (0, 1, 2, 3):  # the last two pixels' codes are read apart from the strided view
+        assert np.array_equal(colour_codes(rgb[-n:] if n else rgb[:0]), codes[-n:] if n else codes[:0])
+    norm = StainNormaliser.fit(immunohistochemistry().reshape(-1, 3))
+    norm.h_scale = 0.8
+    direct = norm._normalise_direct(rgb)
+    assert rgb.shape[0] > LUT_AFTER_PX and np.array_equal(norm(rgb), direct)  # a call this large uses the table
+
+
+def test_normaliser_switches_to_its_colour_table_after_enough_pixels():
+    from worker.preprocessing.stain import LUT_AFTER_PX
+
+    img = immunohistochemistry()
+    norm = StainNormaliser.fit(img.reshape(-1, 3))
+    calls = LUT_AFTER_PX // img[:, :, 0].size + 2
+    outputs = [norm(img) for _ in range(calls)]
+    assert "_lut" in norm.__dict__  # built on the call that passed LUT_AFTER_PX pixels
+    assert all(np.array_equal(o, outputs[0]) for o in outputs)
+    few = StainNormaliser.fit(img.reshape(-1, 3))
+    assert np.array_equal(few(img), outputs[0]) and "_lut" not in few.__dict__  # one image: no table
+    few.h_scale *= 1.1  # an edited fit gets a new table
+    assert not np.array_equal(few.lookup_table(), norm.lookup_table())

@@ -41,6 +41,11 @@ OD_FIT_MIN = 0.15
 
 #: Optical density of each of the 256 uint8 intensities: a lookup replaces a log per pixel (bit-identical).
 _OD_TABLE = -np.log((np.arange(256, dtype=np.float32) + 1.0) / (I0 + 1.0))
+#: Pixels normalised per step of the direct path: temporaries stay in the CPU cache, memory flat.
+_CHUNK_PX = 1 << 16
+#: A normaliser builds its colour table once it has normalised this many pixels directly (16 tiles of
+#: 512 px): the table costs about 30 tiles' direct work, so slides with few tiles never pay for it.
+LUT_AFTER_PX = 16 * 512 * 512
 #: Guards the lazy build of a normaliser's colour table (pool threads normalise tiles of one slide).
 _LUT_LOCK = threading.Lock()
 #: At most this many threads build a colour table (about 0.25 s of CPU).
@@ -186,44 +191,64 @@ class StainNormaliser:
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """Normalised uint8 RGB tiles, same shape as ``tiles``.
 
-        A uint8 pixel's output depends only on its colour, so the normaliser
-        is a table of all 2**24 colours (:meth:`lookup_table`, built on the
-        first call, 48 MiB) and a call is one lookup per pixel: the colour's
-        24-bit code is read straight from the pixel bytes. Other dtypes go
-        through the matrix form of :meth:`concentrations`; both agree to 1
-        grey level (float32 rounding, on a few pixels in ten million).
+        The arithmetic of :meth:`concentrations` followed by re-expression on
+        the reference stains, in float32 without a per-pixel log: each
+        channel's contribution to each concentration is a 256-entry table
+        (optical density times the column of the pseudo-inverse), so a pixel's
+        H and DAB concentrations are three lookups and two additions. As a
+        uint8 pixel's output depends only on its colour, once a normaliser has
+        normalised :data:`LUT_AFTER_PX` pixels it computes all 2**24 colours
+        at once (:meth:`lookup_table`, 48 MiB) and from then on a call is one
+        lookup per pixel; both give the same bytes. Other dtypes go through
+        the matrix form of :meth:`concentrations` (equal to 1 grey level:
+        float32 rounding, on a few pixels in ten million).
         """
         tiles = np.asarray(tiles)
         if tiles.dtype != np.uint8:
             conc = self.concentrations(tiles)
             rgb = (I0 + 1.0) * np.exp(-(conc @ self.reference.matrix())) - 1.0
             return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        codes = colour_codes(tiles)
-        return self.lookup_table().take(codes, mode="clip").view(np.uint8).reshape(tiles.shape)
+        pixels = tiles.size // 3
+        done = self.__dict__.get("_direct_px", 0)
+        if "_lut" in self.__dict__ or done + pixels > LUT_AFTER_PX:
+            return self.lookup_table().take(colour_codes(tiles), mode="clip").view(np.uint8).reshape(tiles.shape)
+        self.__dict__["_direct_px"] = done + pixels  # pool threads may race here: a lost count only delays the table
+        return self._normalise_direct(np.ascontiguousarray(tiles).reshape(-1, 3)).reshape(tiles.shape)
+
+    def _normalise_direct(self, flat: np.ndarray) -> np.ndarray:
+        tables, out_coef = self._tables()
+        out = np.empty_like(flat)
+        n = min(len(flat), _CHUNK_PX)
+        hh, dd, tt, oo = (np.empty(n, np.float32) for _ in range(4))
+        for start in range(0, len(flat), _CHUNK_PX):
+            px = flat[start : start + _CHUNK_PX]
+            m = len(px)
+            for conc, table in ((hh[:m], tables[0]), (dd[:m], tables[1])):
+                np.take(table[0], px[:, 0], out=conc)
+                np.take(table[1], px[:, 1], out=tt[:m])
+                conc += tt[:m]
+                np.take(table[2], px[:, 2], out=tt[:m])
+                conc += tt[:m]
+            _reexpress(hh[:m], dd[:m], np.float32(self.h_scale), out_coef, out[start : start + m], tt[:m], oo[:m])
+        return out
 
     def lookup_table(self) -> np.ndarray:
         """The normalised colour of each of the 2**24 uint8 colours, indexed by :func:`colour_codes` (3-byte items).
 
-        Built once per normaliser (thread-safe), in float32 as the matrix form
-        is: each channel's contribution to each concentration is a 256-entry
-        table (optical density times the column of the pseudo-inverse), summed
-        over a plane of 65 536 colours at a time, then re-expressed on the
-        reference stains.
+        Built once per normaliser (thread-safe) with the arithmetic of the
+        direct path, a plane of 65 536 colours (one blue value) at a time, on
+        up to :data:`_LUT_BUILD_THREADS` threads (about 0.25 s of CPU).
         """
+        key = (self.source_matrix.tobytes(), self.h_scale, self.reference)  # the table follows edits of the fit
         with _LUT_LOCK:
-            key = (self.source_matrix.tobytes(), self.h_scale, self.reference)
             cached = self.__dict__.get("_lut")
             if cached is None or cached[0] != key:
-                cached = (key, self._build_lookup_table())
-                self.__dict__["_lut"] = cached
+                cached = self.__dict__["_lut"] = (key, self._build_lookup_table())
             return cached[1]
 
     def _build_lookup_table(self) -> np.ndarray:
-        pinv = np.linalg.pinv(self.source_matrix).astype(np.float32)  # (3, 2)
-        tables = [[_OD_TABLE * pinv[c, j] for c in range(3)] for j in range(2)]  # stain j, channel c: (256,)
-        red_green = [(tables[j][0][None, :] + tables[j][1][:, None]).reshape(-1) for j in range(2)]  # green-major
-        out_coef = -self.reference.matrix()
-        h_scale = np.float32(self.h_scale)
+        tables, out_coef = self._tables()
+        red_green = [(t[0][None, :] + t[1][:, None]).reshape(-1) for t in tables]  # T[r] + T[g], green-major
         lut = np.empty((256, 256 * 256, 3), np.uint8)  # (blue, green * 256 + red, channel)
 
         def planes(blues: range) -> None:
@@ -231,23 +256,36 @@ class StainNormaliser:
             for blue in blues:
                 for conc, j in ((hh, 0), (dd, 1)):
                     np.add(red_green[j], tables[j][2][blue], out=conc)
-                    np.maximum(conc, 0.0, out=conc)
-                hh *= h_scale
-                for k in range(3):
-                    np.multiply(hh, out_coef[0, k], out=oo)
-                    np.multiply(dd, out_coef[1, k], out=tt)
-                    oo += tt
-                    np.exp(oo, out=oo)
-                    oo *= np.float32(I0 + 1.0)
-                    oo -= np.float32(1.0)
-                    np.rint(oo, out=oo)
-                    np.clip(oo, 0.0, 255.0, out=oo)
-                    lut[blue, :, k] = oo
+                _reexpress(hh, dd, np.float32(self.h_scale), out_coef, lut[blue], tt, oo)
 
         workers = max(1, min(_LUT_BUILD_THREADS, os.cpu_count() or 1))  # numpy releases the GIL: planes in parallel
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(planes, [range(i, 256, workers) for i in range(workers)]))
         return lut.reshape(-1).view("V3")
+
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel concentration tables (stain, channel, 256) and the negated reference matrix (2, 3)."""
+        pinv = np.linalg.pinv(self.source_matrix).astype(np.float32)  # (3, 2)
+        tables = np.stack([[_OD_TABLE * pinv[c, j] for c in range(3)] for j in range(2)]).astype(np.float32)
+        return tables, (-self.reference.matrix()).astype(np.float32)
+
+
+def _reexpress(hh: np.ndarray, dd: np.ndarray, h_scale: np.float32, out_coef: np.ndarray, out: np.ndarray,
+               tt: np.ndarray, oo: np.ndarray) -> None:
+    """Unclipped H and DAB concentrations (float32, in place) -> uint8 RGB ``out`` (N, 3) on the reference stains."""
+    np.maximum(hh, 0.0, out=hh)
+    np.maximum(dd, 0.0, out=dd)
+    hh *= h_scale
+    for k in range(3):
+        np.multiply(hh, out_coef[0, k], out=oo)
+        np.multiply(dd, out_coef[1, k], out=tt)
+        oo += tt
+        np.exp(oo, out=oo)
+        oo *= np.float32(I0 + 1.0)
+        oo -= np.float32(1.0)
+        np.rint(oo, out=oo)
+        np.clip(oo, 0.0, 255.0, out=oo)
+        out[:, k] = oo
 
 
 def colour_codes(tiles: np.ndarray) -> np.ndarray:
