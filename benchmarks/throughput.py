@@ -380,6 +380,7 @@ def _stage(label: str, rate: Rate, bare: float, note: str = "") -> Row:
 
 
 def run(args: argparse.Namespace) -> None:
+    from worker.pipeline import single_threaded_blas
     from worker.preprocessing import white_fraction
     from worker.quality import sharpness
     from worker.tiles import SHARPNESS_TILES
@@ -388,6 +389,7 @@ def run(args: argparse.Namespace) -> None:
     if args.arch:
         args.model_path = random_init_model(args.arch, args.cache, log)
     settings = _settings(args)
+    single_threaded_blas()  # as score_slide does: every row (stages, naive loop) runs numpy's BLAS on one thread
     names = [args.small] if args.small_only else [args.small, args.large]
     dirs = {name: ensure_slide(name, args.cache, log) for name in names}
     model = _model(settings)
