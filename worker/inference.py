@@ -7,6 +7,7 @@ card (:mod:`worker.model_card`), which fixes input name, scaling and outputs.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,20 +62,37 @@ class TileModel:
         # On CUDA, run through an IO binding (input copied to the device once, outputs bound to host memory).
         # Not exercised on a GPU yet: any failure falls back to session.run for the rest of the session.
         self._bind = self.provider == "CUDAExecutionProvider"
+        self._local = threading.local()
         log.info("model %s %s on %s", self.card.name, self.card.version, self.session.get_providers()[0])
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def input_tensor(self, tiles: np.ndarray) -> np.ndarray:
-        """The model's float32 NCHW input for normalised uint8 RGB tiles (N, H, W, 3), scaled as its card says."""
+    def input_tensor(self, tiles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The model's float32 NCHW input for normalised uint8 RGB tiles (N, H, W, 3), scaled as its card says.
+
+        Written into ``out`` (float32, (N, 3, H, W)) when given, else into a new array.
+        """
         planar = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # transposed as bytes, then cast and scaled
-        return np.divide(planar, np.float32(self.card.input_scale), dtype=np.float32)  # in one pass (~20 % faster)
+        return np.divide(planar, np.float32(self.card.input_scale), out=out, dtype=np.float32)  # in one pass
+
+    def _input_buffer(self, tiles: np.ndarray) -> np.ndarray:
+        """This thread's reused float input array for ``tiles``' batch.
+
+        A batch's input is 50 MB at 16 x 512 px, above glibc's largest mmap
+        threshold, so a new array per batch is mapped, faulted in page by page
+        and unmapped again: 40 % of the conversion's time (measured).
+        """
+        n, h, w, c = tiles.shape
+        buffer = getattr(self._local, "input", None)
+        if buffer is None or len(buffer) < n or buffer.shape[1:] != (c, h, w):
+            buffer = self._local.input = np.empty((n, c, h, w), np.float32)
+        return buffer[:n]
 
     def predict(self, tiles: np.ndarray) -> TilePrediction:
         """Grade a batch of normalised uint8 RGB tiles (N, H, W, 3)."""
-        x = self.input_tensor(tiles)
+        x = self.input_tensor(tiles, self._input_buffer(tiles))
         results = self._run_bound(x) if self._bind else None
         if results is None:
             results = self.session.run(self._outputs, {self.card.input_name: x})

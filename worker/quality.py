@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from worker.preprocessing import REFERENCE, StainNormaliser, optical_density
-from worker.preprocessing.stain import EOSIN_OD
+from worker.preprocessing.stain import EOSIN_OD, optical_density_sum
 
 #: Eosin OD vector (Ruifrok & Johnston), the counterstain of H&E.
 EOSIN = np.array(EOSIN_OD, np.float32) / np.linalg.norm(EOSIN_OD)
@@ -81,7 +81,7 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormal
         return report
     rgb = tissue.astype(np.int16)
     pen = (rgb[:, 1] - rgb[:, 0]) > PEN_GREEN_EXCESS
-    od_sum = optical_density(tissue).sum(axis=-1)
+    od_sum = optical_density_sum(tissue)
     stained = od_sum > STAINED_OD
     report.measures.update(
         eosin_share=eosin_share(tissue[stained] if stained.any() else tissue),

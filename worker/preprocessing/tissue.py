@@ -13,7 +13,7 @@ from skimage.filters import threshold_otsu
 from scipy import ndimage
 from skimage.morphology import remove_small_objects
 
-from worker.preprocessing.stain import optical_density
+from worker.preprocessing.stain import optical_density_sum
 
 #: Pixel spacing (um) of the thumbnail on which tissue is found (stains are fitted on tiles: worker.tiles).
 THUMBNAIL_MPP = 8.0
@@ -25,7 +25,7 @@ MAX_TISSUE_THRESHOLD = 0.32
 
 def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 thumbnail (H, W, 3)."""
-    od = optical_density(thumbnail).sum(axis=-1)
+    od = optical_density_sum(thumbnail)
     threshold = MIN_TISSUE_OD
     if float(od.max()) > MIN_TISSUE_OD:
         # Otsu separates glass from tissue, but on slides with dense tumour it may split tumour from
