@@ -448,7 +448,8 @@ def run(args: argparse.Namespace) -> None:
             (_repeat(sample.normaliser, sample.raw, settings.batch_size, args.min_seconds),
              "colour-table lookup; the table is built once per slide"),
         "input conversion alone: uint8 NHWC -> float NCHW (1 thread)":
-            (_repeat(model.input_tensor, sample.normalised, settings.batch_size, args.min_seconds), ""),
+            (_repeat(lambda t: model.input_tensor(t, reuse=True), sample.normalised, settings.batch_size,
+                     args.min_seconds), "into the reused per-thread array, as predict does"),
     }
     rows += [_stage(label, rate, bare, note) for label, (rate, note) in per_tile.items()]
     rows.append(_stage("QC tile sharpness alone (1 thread)",

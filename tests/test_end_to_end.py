@@ -93,3 +93,5 @@ def test_model_input_is_tiles_over_scale_channel_first():
     assert x.dtype == np.float32 and x.flags.c_contiguous and x.shape == (2, 3, 8, 8)
     assert x[1, 2, 5, 7] == np.float32(tiles[1, 5, 7, 2]) / np.float32(model.card.input_scale)
     assert np.array_equal(x, tiles.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(model.card.input_scale))
+    reused = model.input_tensor(tiles, reuse=True)
+    assert np.array_equal(reused, x) and model.input_tensor(tiles[:1], reuse=True).base is reused.base

@@ -69,30 +69,28 @@ class TileModel:
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
-    def input_tensor(self, tiles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def input_tensor(self, tiles: np.ndarray, reuse: bool = False) -> np.ndarray:
         """The model's float32 NCHW input for normalised uint8 RGB tiles (N, H, W, 3), scaled as its card says.
 
-        Written into ``out`` (float32, (N, 3, H, W)) when given, else into a new array.
+        With ``reuse`` it is written into this thread's reused array, valid
+        until the thread's next such call: a batch's input is 50 MB at
+        16 x 512 px, above glibc's largest mmap threshold, so a new array per
+        batch is mapped, faulted in page by page and unmapped again (40 % of
+        the conversion's time, measured).
         """
+        n, h, w, c = tiles.shape
+        out = None
+        if reuse:
+            out = getattr(self._local, "input", None)
+            if out is None or len(out) < n or out.shape[1:] != (c, h, w):
+                out = self._local.input = np.empty((n, c, h, w), np.float32)
+            out = out[:n]
         planar = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))  # transposed as bytes, then cast and scaled
         return np.divide(planar, np.float32(self.card.input_scale), out=out, dtype=np.float32)  # in one pass
 
-    def _input_buffer(self, tiles: np.ndarray) -> np.ndarray:
-        """This thread's reused float input array for ``tiles``' batch.
-
-        A batch's input is 50 MB at 16 x 512 px, above glibc's largest mmap
-        threshold, so a new array per batch is mapped, faulted in page by page
-        and unmapped again: 40 % of the conversion's time (measured).
-        """
-        n, h, w, c = tiles.shape
-        buffer = getattr(self._local, "input", None)
-        if buffer is None or len(buffer) < n or buffer.shape[1:] != (c, h, w):
-            buffer = self._local.input = np.empty((n, c, h, w), np.float32)
-        return buffer[:n]
-
     def predict(self, tiles: np.ndarray) -> TilePrediction:
         """Grade a batch of normalised uint8 RGB tiles (N, H, W, 3)."""
-        x = self.input_tensor(tiles, self._input_buffer(tiles))
+        x = self.input_tensor(tiles, reuse=True)
         results = self._run_bound(x) if self._bind else None
         if results is None:
             results = self.session.run(self._outputs, {self.card.input_name: x})
