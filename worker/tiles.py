@@ -34,6 +34,7 @@ from worker.preprocessing import (
     tissue_mask,
     white_fraction,
 )
+from worker.preprocessing.stain import LUT_AFTER_PX
 from worker.quality import sharpness
 
 Position = tuple[int, int]
@@ -92,7 +93,10 @@ def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
     grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
     candidates = candidate_tiles(survey.mask, grid)
     read = slide.tile_reader(level, tile_size)
-    return PreparedSlide(survey, level, grid, candidates, read, fit_stains(stain_sample(read, candidates), reference))
+    normaliser = fit_stains(stain_sample(read, candidates), reference)
+    if len(candidates) * tile_size**2 > LUT_AFTER_PX:  # it would build its colour table after 16 tiles anyway:
+        normaliser.lookup_table()  # now, on all cores, instead of normalising those tiles directly (4x slower)
+    return PreparedSlide(survey, level, grid, candidates, read, normaliser)
 
 
 def spread_indices(n: int, k: int) -> range:
