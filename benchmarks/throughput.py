@@ -88,7 +88,7 @@ def _settings(args: argparse.Namespace):
     from worker.settings import load_settings
 
     overrides = {"device": args.device}
-    for key in ("model_path", "batch_size", "decode_threads", "intra_op_threads"):
+    for key in ("model_path", "precision", "batch_size", "decode_threads", "intra_op_threads"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -124,7 +124,7 @@ def _model(settings):
     from worker.pipeline import load_model
 
     return load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
-                      settings.white_fraction_max)
+                      settings.white_fraction_max, settings.precision)
 
 
 # --------------------------------------------------------------------------- stages
@@ -191,15 +191,15 @@ def sample_tiles(series_dir: Path, model, n: int) -> Sample:
     return Sample(raw, prepared.normaliser(raw), prepared.normaliser, Rate(len(decoded), seconds, cpu))
 
 
-def reference_session(model_path: Path, device: str):
+def reference_session(model_path: Path, device: str, precision: str):
     """An ONNX Runtime session with the library's default options (threads, spinning), for the bare model."""
     import onnxruntime as ort
 
-    from worker.inference import select_providers
+    from worker.inference import model_graph, select_providers
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(model_path), options, providers=select_providers(device))
+    return ort.InferenceSession(model_graph(model_path, precision), options, providers=select_providers(device))
 
 
 def bare_model_rate(session, model, normalised: np.ndarray, batch_size: int, min_seconds: float) -> Rate:
@@ -336,7 +336,7 @@ def peak_rss_mib(series_dir: Path, args: argparse.Namespace) -> tuple[float, int
     one launcher per slide also keeps the two slides from contaminating each other.
     """
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--score-child", str(series_dir), "--device", args.device]
-    for key in ("model_path", "batch_size", "decode_threads", "intra_op_threads"):
+    for key in ("model_path", "precision", "batch_size", "decode_threads", "intra_op_threads"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -394,10 +394,10 @@ def run(args: argparse.Namespace) -> None:
     dirs = {name: ensure_slide(name, args.cache, log) for name in names}
     model = _model(settings)
     card = model.card
-    reference = reference_session(Path(settings.model_path), settings.device)
+    reference = reference_session(Path(settings.model_path), settings.device, settings.precision)
     print(f"machine: {machine_description()}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"model: {card.name} {card.version} ({card.tile_size} px at {card.mpp} um/px) on {model.provider}; "
+    print(f"model: {card.name} {card.version} ({card.tile_size} px at {card.mpp} um/px) on {model.provider}, {model.precision}; "
           f"batch {settings.batch_size}, decode threads {settings.decode_threads}, "
           f"ORT intra-op threads {settings.intra_op_threads or 'default'}")
 
@@ -500,6 +500,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arch", default=None,
                    help="benchmark this model_training architecture (e.g. resnet34) with random weights instead "
                         "(exported once into the cache; needs the train extra)")
+    p.add_argument("--precision", default=None, choices=["float32", "float16"],
+                   help="model arithmetic (default: settings; float16 is for CUDA, see worker.inference.model_graph)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: settings)")
     p.add_argument("--decode-threads", type=int, default=None, help="decode threads (default: settings)")
     p.add_argument("--intra-op-threads", type=int, default=None, help="ORT intra-op threads (default: settings)")

@@ -9,7 +9,7 @@ import pytest
 
 from dicom_io.results import read_sr_call
 from worker.aggregate import CLASSES, SlideCall
-from worker.pipeline import load_model, score_slide
+from worker.pipeline import score_slide
 from worker.settings import load_settings
 
 
@@ -84,14 +84,5 @@ def test_scoring_twice_gives_identical_uids(scored, slides, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["call"] == first.score.call.value
     assert "not for clinical use" in summary["intended_use"].lower()
+    assert summary["model"]["precision"] == "float32"
 
-
-def test_model_input_is_tiles_over_scale_channel_first():
-    model = load_model(load_settings().model_path, "cpu", 0, 0.6)
-    tiles = np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    x = model.input_tensor(tiles)
-    assert x.dtype == np.float32 and x.flags.c_contiguous and x.shape == (2, 3, 8, 8)
-    assert x[1, 2, 5, 7] == np.float32(tiles[1, 5, 7, 2]) / np.float32(model.card.input_scale)
-    assert np.array_equal(x, tiles.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(model.card.input_scale))
-    reused = model.input_tensor(tiles, reuse=True)
-    assert np.array_equal(reused, x) and model.input_tensor(tiles[:1], reuse=True).base is reused.base

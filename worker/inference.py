@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,30 @@ def select_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def model_graph(model_path: Path, precision: str = "float32") -> str | bytes:
+    """What ONNX Runtime loads for ``model_path``: the file, or for ``precision`` "float16" its half-precision copy.
+
+    The float16 copy (onnxconverter-common, converted in memory at load, about
+    1 s for a ResNet34) keeps float32 inputs and outputs, so the rest of the
+    worker is unchanged; it is for CUDA tensor cores (slower than float32 on
+    CPU). Its grades differ from the float32 graph's in the third decimal:
+    validate it like a new model before use.
+    """
+    if precision == "float32":
+        return str(model_path)
+    if precision != "float16":
+        raise ValueError(f"precision must be 'float32' or 'float16', not {precision!r}")
+    try:
+        import onnx
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        raise RuntimeError("precision 'float16' needs onnx and onnxconverter-common (install the [gpu] extra)") from exc
+    with warnings.catch_warnings():  # it warns for every weight below float16's range that it rounds (to +-1e-7)
+        warnings.simplefilter("ignore", UserWarning)
+        graph = float16.convert_float_to_float16(onnx.load(str(model_path)), keep_io_types=True)
+    return graph.SerializeToString()
+
+
 @dataclass
 class TilePrediction:
     """Per-tile outputs of one batch: class probabilities (N, 4) and tumour fraction (N,) if the model has it."""
@@ -43,8 +68,9 @@ class TileModel:
     """A loaded tile classifier and its card."""
 
     def __init__(self, model_path: Path, device: str = "auto", intra_op_threads: int = 0,
-                 white_fraction_max: float | None = None) -> None:
+                 white_fraction_max: float | None = None, precision: str = "float32") -> None:
         self.card: ModelCard = load_model_card(model_path, white_fraction_max)
+        self.precision = precision
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
@@ -52,7 +78,8 @@ class TileModel:
         # Tiles are decoded and normalised in other threads while the model runs: ORT's idle threads must
         # sleep, not spin (spinning cost ~4 ms of CPU per tile on 2 cores, taken from decoding; measured).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(model_path), options, providers=select_providers(device))
+        self.session = ort.InferenceSession(model_graph(model_path, precision), options,
+                                            providers=select_providers(device))
         outputs = {o.name for o in self.session.get_outputs()}
         wanted = [self.card.probabilities_output] + ([self.card.tumour_fraction_output] if self.card.tumour_fraction_output else [])
         missing = set(wanted) - outputs
@@ -63,7 +90,7 @@ class TileModel:
         # Not exercised on a GPU yet: any failure falls back to session.run for the rest of the session.
         self._bind = self.provider == "CUDAExecutionProvider"
         self._local = threading.local()
-        log.info("model %s %s on %s", self.card.name, self.card.version, self.session.get_providers()[0])
+        log.info("model %s %s (%s) on %s", self.card.name, self.card.version, precision, self.provider)
 
     @property
     def provider(self) -> str:

@@ -73,9 +73,10 @@ def single_threaded_blas() -> None:
 
 
 @lru_cache(maxsize=2)
-def load_model(model_path: Path, device: str, intra_op_threads: int, white_fraction_max: float) -> TileModel:
+def load_model(model_path: Path, device: str, intra_op_threads: int, white_fraction_max: float,
+               precision: str = "float32") -> TileModel:
     """One ONNX Runtime session per process and model."""
-    return TileModel(model_path, device, intra_op_threads, white_fraction_max)
+    return TileModel(model_path, device, intra_op_threads, white_fraction_max, precision)
 
 
 def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = None,
@@ -85,7 +86,7 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
     single_threaded_blas()
     with open_slide(series_dir) as slide:
         model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
-                           settings.white_fraction_max)
+                           settings.white_fraction_max, settings.precision)
         survey = survey_slide(slide)
         prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
         level = prepared.level
@@ -200,7 +201,8 @@ def write_outputs(result: ScoringResult, thumbnail: np.ndarray, thumb_scale: flo
         "percentages": result.score.percentages,
         "tumour_area_mm2": result.score.tumour_area_mm2,
         "flags": result.score.flags,
-        "model": {"name": model.card.name, "version": model.card.version, "provider": model.provider},
+        "model": {"name": model.card.name, "version": model.card.version, "provider": model.provider,
+                  "precision": model.precision},
         "stats": result.stats,
         "intended_use": NOT_FOR_CLINICAL_USE,
     }

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime provider: auto = CUDA when available, else CPU."
     )
+    precision: Literal["float32", "float16"] = Field(
+        "float32", description="Model arithmetic: float16 converts the model to half precision at load (for CUDA "
+        "tensor cores; slower on CPU; grades differ in the third decimal, so validate it like a new model; needs "
+        "the [gpu] extra).")
     batch_size: int = Field(16, ge=1, description="Tiles per inference batch.")
     decode_threads: int = Field(2, ge=1, description="Threads decoding JPEG tiles ahead of inference.")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = library default).")
