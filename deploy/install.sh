@@ -36,4 +36,9 @@ PYTHON="${PYTHON:-python3}"
 spec="."
 if [ ${#extras[@]} -gt 0 ]; then spec=".[$(IFS=,; echo "${extras[*]}")]"; fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e "$spec"
+if [[ " ${extras[*]-} " == *" gpu "* ]]; then
+  # onnxruntime and onnxruntime-gpu install the same module: keep only the GPU build (as deploy/Dockerfile does).
+  .venv/bin/python -m pip uninstall -q -y onnxruntime
+  .venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "onnxruntime-gpu>=1.18"
+fi
 echo "installed her2-dicom-worker ($spec) into .venv: run .venv/bin/her2 --help"
