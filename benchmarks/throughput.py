@@ -397,8 +397,8 @@ def run(args: argparse.Namespace) -> None:
     reference = reference_session(Path(settings.model_path), settings.device, settings.precision)
     print(f"machine: {machine_description()}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    print(f"model: {card.name} {card.version} ({card.tile_size} px at {card.mpp} um/px) on {model.provider}, {model.precision}; "
-          f"batch {settings.batch_size}, decode threads {settings.decode_threads}, "
+    print(f"model: {card.name} {card.version} ({card.tile_size} px at {card.mpp} um/px) on {model.provider}, "
+          f"{model.precision}; batch {settings.batch_size}, decode threads {settings.decode_threads}, "
           f"ORT intra-op threads {settings.intra_op_threads or 'default'}")
 
     log("sampling tiles ...")

@@ -12,6 +12,7 @@ from worker.preprocessing import (
     candidate_tiles,
     fit_stains,
     grid_for_level,
+    optical_density,
     tissue_mask,
     white_fraction,
 )
@@ -147,3 +148,14 @@ def test_normaliser_switches_to_its_colour_table_after_enough_pixels():
     assert np.array_equal(few(img), outputs[0]) and "_lut" not in few.__dict__  # one image: no table
     few.h_scale *= 1.1  # an edited fit gets a new table
     assert not np.array_equal(few.lookup_table(), norm.lookup_table())
+
+
+def test_od_sum_and_stained_test_equal_their_reductions():
+    from worker.preprocessing.stain import OD_FIT_MIN, _stained, optical_density_sum
+
+    rgb = np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    assert np.array_equal(optical_density_sum(rgb), optical_density(rgb).sum(axis=-1))
+    assert np.array_equal(optical_density_sum(rgb.astype(np.float32)), optical_density(rgb).sum(axis=-1))
+    od = optical_density(rgb.reshape(-1, 3))
+    assert np.array_equal(_stained(od), (od > OD_FIT_MIN).all(axis=1))
+    assert 0 < _stained(od).sum() < len(od)
