@@ -84,11 +84,15 @@ def machine_description() -> str:
 # --------------------------------------------------------------------------- settings
 
 
+#: Command-line options that override the worker's settings (also passed on to the RSS child process).
+_SETTING_ARGS = ("model_path", "precision", "batch_size", "decode_threads", "intra_op_threads")
+
+
 def _settings(args: argparse.Namespace):
     from worker.settings import load_settings
 
     overrides = {"device": args.device}
-    for key in ("model_path", "precision", "batch_size", "decode_threads", "intra_op_threads"):
+    for key in _SETTING_ARGS:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -336,7 +340,7 @@ def peak_rss_mib(series_dir: Path, args: argparse.Namespace) -> tuple[float, int
     one launcher per slide also keeps the two slides from contaminating each other.
     """
     cmd = [sys.executable, "-m", "benchmarks.throughput", "--score-child", str(series_dir), "--device", args.device]
-    for key in ("model_path", "precision", "batch_size", "decode_threads", "intra_op_threads"):
+    for key in _SETTING_ARGS:
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]

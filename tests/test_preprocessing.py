@@ -148,6 +148,10 @@ def test_normaliser_switches_to_its_colour_table_after_enough_pixels():
     assert np.array_equal(few(img), outputs[0]) and "_lut" not in few.__dict__  # one image: no table
     few.h_scale *= 1.1  # an edited fit gets a new table
     assert not np.array_equal(few.lookup_table(), norm.lookup_table())
+    told = StainNormaliser.fit(img.reshape(-1, 3))
+    assert not told.expect(LUT_AFTER_PX) and "_lut" not in told.__dict__
+    assert told.expect(LUT_AFTER_PX + 1) and "_lut" in told.__dict__  # told in advance: built before any call
+    assert np.array_equal(told(img), outputs[0])
 
 
 def test_od_sum_and_stained_test_equal_their_reductions():

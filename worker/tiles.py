@@ -34,7 +34,6 @@ from worker.preprocessing import (
     tissue_mask,
     white_fraction,
 )
-from worker.preprocessing.stain import LUT_AFTER_PX
 from worker.quality import sharpness
 
 Position = tuple[int, int]
@@ -94,8 +93,7 @@ def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
     candidates = candidate_tiles(survey.mask, grid)
     read = slide.tile_reader(level, tile_size)
     normaliser = fit_stains(stain_sample(read, candidates), reference)
-    if len(candidates) * tile_size**2 > LUT_AFTER_PX:  # it would build its colour table after 16 tiles anyway:
-        normaliser.lookup_table()  # now, on all cores, instead of normalising those tiles directly (4x slower)
+    normaliser.expect(len(candidates) * tile_size**2)
     return PreparedSlide(survey, level, grid, candidates, read, normaliser)
 
 

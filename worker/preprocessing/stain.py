@@ -226,10 +226,21 @@ class StainNormaliser:
             return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
         pixels = tiles.size // 3
         done = self.__dict__.get("_direct_px", 0)
-        if "_lut" in self.__dict__ or done + pixels > LUT_AFTER_PX:
+        if "_lut" in self.__dict__ or self.expect(done + pixels):
             return self.lookup_table().take(colour_codes(tiles), mode="clip").view(np.uint8).reshape(tiles.shape)
         self.__dict__["_direct_px"] = done + pixels  # pool threads may race here: a lost count only delays the table
         return self._normalise_direct(np.ascontiguousarray(tiles).reshape(-1, 3)).reshape(tiles.shape)
+
+    def expect(self, pixels: int) -> bool:
+        """Build the colour table now if this normaliser will normalise more than :data:`LUT_AFTER_PX` pixels.
+
+        It would build it after that many anyway; building it up front spares
+        the first tiles the direct path (4x slower). True if the table is built.
+        """
+        if pixels <= LUT_AFTER_PX:
+            return False
+        self.lookup_table()
+        return True
 
     def _normalise_direct(self, flat: np.ndarray) -> np.ndarray:
         tables, out_coef = self._tables()
