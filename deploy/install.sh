@@ -2,9 +2,10 @@
 # Set up her2-dicom-worker on a fresh Debian/Ubuntu machine.
 #
 #   bash deploy/install.sh              worker + CLI in .venv (no torch)
-#   bash deploy/install.sh --dev        + test tools
+#   bash deploy/install.sh --dev        + test tools, and .venv-convert with the third-party converter
+#                                       wsidicomizer (it pins an older wsidicom than the worker needs)
 #   bash deploy/install.sh --train      + torch/torchvision for model_training (~5 GB)
-#   bash deploy/install.sh --services   + Debian orthanc, redis-server, dcmtk, dicom3tools (tests, local stack)
+#   bash deploy/install.sh --services   + Debian orthanc, orthanc-wsi, redis-server, dcmtk, dicom3tools (tests, local stack)
 #   bash deploy/install.sh --gpu        + onnxruntime-gpu (CUDA execution provider)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ for arg in "$@"; do
     --train) extras+=(train) ;;
     --gpu) extras+=(gpu) ;;
     --services) services=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -25,9 +26,9 @@ done
 if [ "$services" = 1 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   if ! command -v Orthanc >/dev/null || ! command -v redis-server >/dev/null || ! command -v storescu >/dev/null \
-     || ! command -v dciodvfy >/dev/null; then
+     || ! command -v dciodvfy >/dev/null || ! command -v OrthancWSIDicomizer >/dev/null; then
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc redis-server dcmtk dicom3tools >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-wsi redis-server dcmtk dicom3tools >/dev/null
   fi
 fi
 
@@ -40,5 +41,9 @@ if [[ " ${extras[*]-} " == *" gpu "* ]]; then
   # onnxruntime and onnxruntime-gpu install the same module: keep only the GPU build (as deploy/Dockerfile does).
   .venv/bin/python -m pip uninstall -q -y onnxruntime
   .venv/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "onnxruntime-gpu>=1.18"
+fi
+if [[ " ${extras[*]-} " == *" dev "* ]]; then
+  [ -x .venv-convert/bin/python ] || "$PYTHON" -m venv .venv-convert
+  .venv-convert/bin/python -m pip install -q --disable-pip-version-check -r deploy/convert-requirements.txt
 fi
 echo "installed her2-dicom-worker ($spec) into .venv: run .venv/bin/her2 --help"

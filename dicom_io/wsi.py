@@ -311,8 +311,9 @@ class Slide:
         When the file's tiles are the model's tiles in JPEG baseline, the
         encoded frame is read and decoded directly (fast path, safe to call
         from threads); otherwise wsidicom decodes them. Pixels beyond the
-        image are white. A tile that cannot be decoded raises
-        :class:`CorruptTileError`.
+        image (Total Pixel Matrix Columns/Rows) are white on both paths,
+        whatever the writer padded edge frames with (:func:`whiten_outside`).
+        A tile that cannot be decoded raises :class:`CorruptTileError`.
         """
         syntax = self.level_dataset(level.index).file_meta.TransferSyntaxUID
         if (level.tile_width, level.tile_height) == (tile_size, tile_size) and syntax == JPEGBaseline8Bit:
@@ -325,7 +326,7 @@ class Slide:
                 except Exception as exc:  # a damaged frame index or offset table, as wsidicom finds it
                     raise CorruptTileError(f"tile ({col}, {row}) of level {level.index} could not be read "
                                            f"({type(exc).__name__}: {exc})") from exc
-                return _decode(data, tile_size)
+                return whiten_outside(_decode(data, tile_size), level, row, col)
 
             return read
 
@@ -340,6 +341,25 @@ class Slide:
             return out
 
         return read_region
+
+
+def whiten_outside(tile: np.ndarray, level: LevelInfo, row: int, col: int) -> np.ndarray:
+    """``tile`` (row, col) of ``level`` with its pixels beyond the Total Pixel Matrix set to white (255).
+
+    Edge frames of a tiled image hold pixels beyond Total Pixel Matrix
+    Columns/Rows whose values the standard leaves to the writer (PS3.3
+    C.8.12.4.1.1): our writer and OrthancWSIDicomizer pad white, wsidicomizer
+    black. White is what glass looks like, so the tissue grid, white filter,
+    stain fit, QC and heatmap treat them as background whatever was written.
+    """
+    size_y, size_x = tile.shape[:2]
+    inside_x, inside_y = level.width - col * size_x, level.height - row * size_y
+    if inside_x >= size_x and inside_y >= size_y:
+        return tile
+    tile = tile.copy() if not tile.flags.writeable else tile
+    tile[max(0, inside_y):] = 255
+    tile[:, max(0, inside_x):] = 255
+    return tile
 
 
 #: JPEG end-of-image marker: libjpeg-turbo (through imagecodecs) decodes a truncated frame without an error.
