@@ -89,9 +89,9 @@ def is_valid_uid(uid: str) -> bool:
 class ResultUIDs:
     """UIDs of the result objects of one (source series content, model version) job.
 
-    The SR and the SEG are in separate series: a series holds one modality
-    (PS3.3 C.7.3.1, Modality "SR" vs "SEG"), and viewers expect all instances
-    of a segmentation in a series of their own.
+    The SR, the SEG and the ANN are in separate series: a series holds one
+    modality (PS3.3 C.7.3.1, Modality "SR" vs "SEG" vs "ANN"), and viewers
+    expect all instances of a segmentation in a series of their own.
 
     Attributes
     ----------
@@ -103,6 +103,13 @@ class ResultUIDs:
         Series Instance UID of the heatmap Segmentation series.
     seg: str
         SOP Instance UID of the heatmap Segmentation.
+    ann_series: str
+        Series Instance UID of the cell-annotation Microscopy Bulk Simple
+        Annotations series (PS3.3 A.87); like every UID here it derives from
+        the algorithm that makes the object, so the ANN's are those of
+        :func:`result_uids` called with the cell grader's name and version.
+    ann: str
+        SOP Instance UID of the cell annotations.
     device: str
         Device UID (0018,1002) of the model version, for Contributing
         Equipment and the SR device observer (IHE AI Results); depends on the
@@ -114,11 +121,14 @@ class ResultUIDs:
     sr: str
     seg_series: str
     seg: str
+    ann_series: str
+    ann: str
     device: str
 
 
 def result_uids(
-    source_series_uid: str, source_instance_uids: Iterable[str], model_name: str, model_version: str
+    source_series_uid: str, source_instance_uids: Iterable[str], model_name: str, model_version: str,
+    co_models: Iterable[tuple[str, str]] = (),
 ) -> ResultUIDs:
     """Derive all result UIDs for one job: one model version on one version of a series' content.
 
@@ -141,6 +151,15 @@ def result_uids(
         Name of the scoring model.
     model_version: str
         Version of the scoring model.
+    co_models: Iterable[tuple[str, str]]
+        (name, version) of further algorithms whose results the SR carries
+        beside this model's (e.g. the membrane cell grader next to the tile
+        CNN). They change the SR's UIDs only: a new version of either grader
+        is a new SR, while the SEG, the ANN and the Device UID stay those of
+        ``model_name``/``model_version`` (each object is named by the
+        algorithm that made it). Order and repeats do not matter, and the
+        model itself in this list changes nothing; empty (the default) gives
+        the UIDs of a single-model job.
 
     Returns
     -------
@@ -153,7 +172,7 @@ def result_uids(
     ------
     ValueError
         When ``source_series_uid`` or a source instance UID is not a valid
-        UID, no instance is given, or the model name or version is empty.
+        UID, no instance is given, or a model name or version is empty.
 
     """
     if not is_valid_uid(source_series_uid):
@@ -166,11 +185,18 @@ def result_uids(
     bad = [uid for uid in instances if not is_valid_uid(uid)]
     if bad:
         raise ValueError(f"source SOP Instance UID {bad[0]!r} is not a valid DICOM UID")
+    others = sorted(set(co_models) - {(model_name, model_version)})
+    if any(not name or not version for name, version in others):
+        raise ValueError(f"co_models names and versions must be non-empty (got {others})")
     job = (source_series_uid, derived_uid("content", *instances), model_name, model_version)
+    # Length-prefixed parts keep ("a", "b") and ("ab", "") apart; no co-model keeps the single-model UIDs.
+    sr_job = job + tuple(part for pair in others for part in ("co-model", *pair))
     return ResultUIDs(
-        sr_series=derived_uid("sr-series", *job),
-        sr=derived_uid("sr-instance", *job),
+        sr_series=derived_uid("sr-series", *sr_job),
+        sr=derived_uid("sr-instance", *sr_job),
         seg_series=derived_uid("seg-series", *job),
         seg=derived_uid("seg-instance", *job),
+        ann_series=derived_uid("ann-series", *job),
+        ann=derived_uid("ann-instance", *job),
         device=derived_uid("device", model_name, model_version),
     )
