@@ -68,6 +68,7 @@ from pydicom.uid import MicroscopyBulkSimpleAnnotationsStorage
 
 from dicom_io.results import (
     LOCAL_SCHEME,
+    NO_UNITS,
     NOT_FOR_CLINICAL_USE,
     AlgorithmInfo,
     _check_sources,
@@ -96,7 +97,6 @@ CELL_CLASS_CODES: dict[str, CodedConcept] = {
                     else f"Tumor cell with {CELL_CLASS_PATTERNS[c].replace('membrane', 'HER2 membrane')}")
     for i, c in enumerate(CLASSES)
 }
-NO_UNITS = CodedConcept("1", "UCUM", "no units")
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,22 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage
 
+from dicom_io.cell_annotations import build_cell_annotations
 from dicom_io.results import (
+    CELL_COUNT,
     CLASS_PERCENTAGE,
     HER2_SCORE,
+    MEMBRANE_CONNECTIVITY,
     REFLEX_ISH,
+    SLIDE_CALL_GRADER,
     TUMOUR_AREA,
     AlgorithmInfo,
+    GraderResult,
     build_heatmap,
     build_sr,
     read_sr_call,
+    read_sr_evidence,
+    read_sr_graders,
     read_sr_ultralow,
 )
 from dicom_io.uids import derived_uid, is_valid_uid, result_uids
@@ -487,3 +494,163 @@ def test_multi_frame_heatmap_frames_sit_on_their_tiles(source, level):
         assert np.allclose(position, centre, atol=1e-6)
         seen.add((r0, c0))
     assert seen == {(0, 0), (0, 512), (512, 0), (512, 512)}
+
+
+# --- two graders, references to SEG and ANN (issues 12 and 14) ---------------------------------------
+
+MEMBRANE = AlgorithmInfo(name="her2-membrane", version="0.3.1", software_version="0.1.0")
+CELL_PERCENTAGES = {"0": 50.0, "1+": 38.5, "2+": 11.5, "3+": 0.0}
+CELL_COUNTS = {"0": 500, "1+": 385, "2+": 115, "3+": 0}
+
+
+def two_graders(score: SlideScore, cnn_call: SlideCall = SlideCall.TWO,
+                cell_call: SlideCall = SlideCall.ONE) -> list[GraderResult]:
+    return [
+        GraderResult(algorithm=ALGORITHM, call=cnn_call, percentages=score.percentages, basis="tumour area"),
+        GraderResult(algorithm=MEMBRANE, call=cell_call, percentages=CELL_PERCENTAGES, basis="tumour cells",
+                     cell_counts=CELL_COUNTS, connectivity=0.3125),
+    ]
+
+
+@pytest.fixture(scope="module")
+def evidence(source, level):
+    """The heatmap SEG and the cell ANN of the slide, built before the SR as the pipeline does."""
+    seg = build_heatmap(source, level, make_score(SlideCall.ONE), ALGORITHM)
+    ann = build_cell_annotations(source, level, np.array([[10.0, 20.0], [1000.5, 700.25], [5.0, 1500.0]]),
+                                 np.array([0, 1, 2], np.int8), MEMBRANE)
+    return roundtrip(seg), roundtrip(ann)
+
+
+@pytest.fixture(scope="module")
+def graded_sr(source, level, evidence):
+    score = make_score(SlideCall.ONE)
+    sr = build_sr(source, level, score, ALGORITHM, graders=two_graders(score), deciding=1, references=evidence)
+    return score, sr, roundtrip(sr)
+
+
+def test_result_uids_for_annotations_and_co_models():
+    a = result_uids(SERIES_UID, INSTANCES, "m", "1")
+    assert is_valid_uid(a.ann) and is_valid_uid(a.ann_series)
+    assert len({a.sr_series, a.sr, a.seg_series, a.seg, a.ann_series, a.ann, a.device}) == 7
+    both = result_uids(SERIES_UID, INSTANCES, "m", "1", co_models=[("cells", "2"), ("m", "1"), ("cells", "2")])
+    assert both == result_uids(SERIES_UID, INSTANCES, "m", "1", co_models=[("cells", "2")])
+    assert result_uids(SERIES_UID, INSTANCES, "m", "1", co_models=[("m", "1")]) == a  # itself: no co-model
+    assert {both.sr, both.sr_series}.isdisjoint({a.sr, a.sr_series})
+    assert (both.seg, both.seg_series, both.ann, both.ann_series, both.device) == \
+        (a.seg, a.seg_series, a.ann, a.ann_series, a.device)
+    newer = result_uids(SERIES_UID, INSTANCES, "m", "1", co_models=[("cells", "3")])
+    assert newer.sr != both.sr and newer.seg == both.seg
+    with pytest.raises(ValueError, match="co_models names and versions must be non-empty"):
+        result_uids(SERIES_UID, INSTANCES, "m", "1", co_models=[("cells", "")])
+
+
+def test_sr_carries_both_graders(graded_sr):
+    score, _, ds = graded_sr
+    assert read_sr_call(ds) == "1+"  # the slide call, although the tile grader says 2+
+    cnn, cells = read_sr_graders(ds)
+    assert (cnn["name"], cnn["version"], cnn["basis"]) == (ALGORITHM.name, ALGORITHM.version, "tumour area")
+    assert (cells["name"], cells["version"], cells["basis"]) == (MEMBRANE.name, MEMBRANE.version, "tumour cells")
+    assert (cnn["call"], cells["call"]) == ("2+", "1+")
+    assert (cnn["deciding"], cells["deciding"]) == (False, True)
+    assert cnn["percentages"] == pytest.approx(score.percentages, abs=1e-6)
+    assert cells["percentages"] == pytest.approx(CELL_PERCENTAGES, abs=1e-6)
+    assert cnn["cell_counts"] is None and cells["cell_counts"] == CELL_COUNTS
+    assert cnn["connectivity"] is None and cells["connectivity"] == pytest.approx(0.3125)
+    # highdicom reads three TID 1410 groups (slide call, each grader), each with its algorithm and region.
+    report = srread(ds)
+    groups = report.content.get_planar_roi_measurement_groups()
+    assert len(groups) == 3 and len(report.content.get_image_measurement_groups()) == 1
+    names = [{i.name.meaning: i.value for i in g[0].ContentSequence if i.ValueType == "TEXT"}["Algorithm Name"]
+             for g in groups]
+    assert names == [ALGORITHM.name, ALGORITHM.name, MEMBRANE.name]
+    assert all(isinstance(g.roi, hd.sr.ImageRegion3D) for g in groups)
+    (count_1,) = groups[2].get_measurements(CELL_COUNT["1+"])
+    assert count_1.value == 385 and count_1.unit.value == "{cells}"
+    (connectivity,) = groups[2].get_measurements(MEMBRANE_CONNECTIVITY)
+    assert connectivity.unit.value == "1"
+    (decides,) = groups[2].get_qualitative_evaluations(SLIDE_CALL_GRADER)
+    assert decides.value.value == "373066001"  # Yes
+
+
+def test_sr_references_its_heatmap_and_cell_annotations(graded_sr, evidence):
+    _, _, ds = graded_sr
+    seg, ann = evidence
+    listed = read_sr_evidence(ds)
+    assert (pydicom.uid.SegmentationStorage, seg.SOPInstanceUID) in listed
+    assert (pydicom.uid.MicroscopyBulkSimpleAnnotationsStorage, ann.SOPInstanceUID) in listed
+    cnn, cells = read_sr_graders(ds)
+    assert cnn["references"] == [seg.SOPInstanceUID] and cells["references"] == []
+    # Each tumour-area percentage is inferred from its class's segment (segment k+1 = CLASSES[k]).
+    (roi_group, cnn_group, _) = srread(ds).content.get_planar_roi_measurement_groups()
+    for group in (roi_group, cnn_group):
+        for k, c in enumerate(CLASSES):
+            (m,) = group.get_measurements(CLASS_PERCENTAGE[c])
+            (ref,) = m.referenced_images
+            assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
+            assert ref.ReferencedSOPSequence[0].ReferencedSegmentNumber == k + 1
+            assert seg.SegmentSequence[k].SegmentLabel == f"HER2 IHC {c}"
+
+
+def test_sr_uids_follow_every_grader_version(source, level, evidence, graded_sr):
+    score, sr, _ = graded_sr
+    again = build_sr(source, level, score, ALGORITHM, graders=two_graders(score), deciding=1, references=evidence)
+    assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (sr.SOPInstanceUID, sr.SeriesInstanceUID)
+    newer = [two_graders(score)[0], GraderResult(algorithm=AlgorithmInfo(name=MEMBRANE.name, version="0.4.0",
+                                                                         software_version="0.1.0"),
+                                                 call=SlideCall.ONE, percentages=CELL_PERCENTAGES,
+                                                 basis="tumour cells")]
+    other = build_sr(source, level, score, ALGORITHM, graders=newer, deciding=1)
+    assert other.SOPInstanceUID != sr.SOPInstanceUID and other.SeriesInstanceUID != sr.SeriesInstanceUID
+    # Both graders' Device UIDs in Contributing Equipment (IHE AI Results).
+    devices = {e.get("ManufacturerModelName"): e.DeviceUID for e in sr.ContributingEquipmentSequence
+               if "DeviceUID" in e}
+    uids = [ds.SOPInstanceUID for ds in source]
+    assert devices == {ALGORITHM.name: result_uids(SERIES_UID, uids, ALGORITHM.name, ALGORITHM.version).device,
+                       MEMBRANE.name: result_uids(SERIES_UID, uids, MEMBRANE.name, MEMBRANE.version).device}
+
+
+def test_sr_refuses_inconsistent_graders(source, level, evidence):
+    score = make_score(SlideCall.ONE)
+    graders = two_graders(score)
+    with pytest.raises(ValueError, match="deciding grader index 2"):
+        build_sr(source, level, score, ALGORITHM, graders=graders, deciding=2)
+    with pytest.raises(ValueError, match="not the deciding grader's call '2\\+'"):
+        build_sr(source, level, score, ALGORITHM, graders=graders, deciding=0)
+    # Quality control may overrule every grader: not assessable with a deciding grader is allowed.
+    na = make_score(SlideCall.NOT_ASSESSABLE)
+    assert read_sr_graders(roundtrip(build_sr(source, level, na, ALGORITHM, graders=graders, deciding=1)))
+    with pytest.raises(ValueError, match="repeat an algorithm version"):
+        build_sr(source, level, score, ALGORITHM, graders=[graders[0], graders[0]])
+    elsewhere = copy.deepcopy(evidence[0])
+    elsewhere.StudyInstanceUID = "1.2.3.4"
+    with pytest.raises(ValueError, match="not the slide's study"):
+        build_sr(source, level, score, ALGORITHM, references=[elsewhere])
+    with pytest.raises(ValueError, match="grader basis 'tiles'"):
+        GraderResult(algorithm=ALGORITHM, call=SlideCall.ONE, percentages=CELL_PERCENTAGES, basis="tiles")
+    with pytest.raises(ValueError, match="cell counts given for a 'tumour area' grader"):
+        GraderResult(algorithm=ALGORITHM, call=SlideCall.ONE, percentages=CELL_PERCENTAGES, basis="tumour area",
+                     cell_counts=CELL_COUNTS)
+    with pytest.raises(ValueError, match="connectivity 1.5 is outside"):
+        GraderResult(algorithm=MEMBRANE, call=SlideCall.ONE, percentages=CELL_PERCENTAGES, basis="tumour cells",
+                     connectivity=1.5)
+    with pytest.raises(ValueError, match="percentages has classes"):
+        GraderResult(algorithm=MEMBRANE, call=SlideCall.ONE, percentages={"0": 100.0}, basis="tumour cells")
+
+
+#: dciodvfy warnings the SR and SEG have today: the local 99HER2 codes, and the Device UID in
+#: Contributing Equipment (IHE AI Results) that makes them Standard Extended.
+KNOWN_WARNINGS = ("Unrecognized defined term <99HER2>", "(0x0018,0x1002) UI Device UID",
+                  "this is a Standard Extended SOP Class")
+
+
+def test_dciodvfy_graded_sr_has_no_errors_and_no_new_warnings(graded_sr, tmp_path):
+    _, sr, _ = graded_sr
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
+    report = result.stdout + result.stderr
+    assert "Comprehensive3DSR" in report
+    lines = report.splitlines()
+    assert not [line for line in lines if line.startswith("Error")], report
+    assert not [line for line in lines if line.startswith("Warning")
+                and not any(known in line for known in KNOWN_WARNINGS)], report
