@@ -74,6 +74,7 @@ from dicom_io.results import (
     _check_sources,
     _local_scheme_item,
     _result_uids,
+    set_device_uid,
 )
 from dicom_io.uids import derived_uid
 from worker.aggregate import CLASSES
@@ -185,10 +186,11 @@ def build_cell_annotations(
     3D slide coordinates (mm) of the source's Frame of Reference; coding as in
     the module docstring. The group is AUTOMATIC with the grader's Algorithm
     Identification (PS3.3 C.37.1.2, Algorithm Identification Macro), and the
-    object carries Contributing Equipment with the grader's Device UID (IHE AI
-    Results). Patient, study and specimen identity are copied from
-    ``scored_level``; the object references ``scored_level`` (Referenced
-    Image Sequence, Common Instance Reference). Series and SOP Instance UIDs
+    object carries the grader as Contributing Equipment and its Device UID in
+    General Equipment (IHE AI Results; :func:`dicom_io.results.set_device_uid`).
+    Patient, study and specimen identity are copied from ``scored_level``;
+    the object references ``scored_level`` (Referenced Image Sequence,
+    Common Instance Reference). Series and SOP Instance UIDs
     are :attr:`dicom_io.uids.ResultUIDs.ann_series` / ``ann`` of this
     algorithm on exactly these source instances, so a retried job writes the
     same object.
@@ -264,7 +266,7 @@ def build_cell_annotations(
             display_color=colour,
         )
         groups.append(group)
-    return MicroscopyBulkSimpleAnnotations(
+    ann = MicroscopyBulkSimpleAnnotations(
         source_images=[scored_level],
         annotation_coordinate_type=AnnotationCoordinateTypeValues.SCOORD3D,
         annotation_groups=groups,
@@ -279,9 +281,11 @@ def build_cell_annotations(
         content_label=ANN_CONTENT_LABEL,
         content_description=f"HER2 IHC cell classes - {NOT_FOR_CLINICAL_USE}",  # 64 characters (LO)
         series_description=ANN_SERIES_DESCRIPTION,
-        contributing_equipment=[algorithm.contributing_equipment(uids.device)],
+        contributing_equipment=[algorithm.contributing_equipment()],
         coding_schemes=[_local_scheme_item()],
     )
+    set_device_uid(ann, uids.device)
+    return ann
 
 
 def read_cell_annotations(ds: Dataset, level: Dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -175,17 +175,35 @@ class AlgorithmInfo:
             source=self.manufacturer,
         )
 
-    def contributing_equipment(self, device_uid: str) -> hd.ContributingEquipment:
-        """Contributing Equipment item for the model (IHE AI Results): name, version, Device UID."""
-        item = hd.ContributingEquipment(
+    def contributing_equipment(self) -> hd.ContributingEquipment:
+        """Contributing Equipment item for the model (IHE AI Results): name and version.
+
+        The model's Device UID is not in this item but in the General
+        Equipment Module of the object the model made (:func:`set_device_uid`):
+        PS3.3 lists Device UID (0018,1002) in both places since a later
+        correction, but dicom3tools' validator (2022) knows only General
+        Equipment and makes every object with it in Contributing Equipment
+        "Standard Extended".
+        """
+        return hd.ContributingEquipment(
             manufacturer=self.manufacturer,
             purpose_of_reference=codes.DCM.ProcessingEquipment,
             manufacturer_model_name=self.name,
             software_versions=[self.version, self.software_version],
             contribution_description=f"HER2 IHC scoring algorithm {self.name} {self.version}"[:1024],
         )
-        item.DeviceUID = device_uid
-        return item
+
+
+def set_device_uid(obj: Dataset, device_uid: str) -> None:
+    """Device UID (0018,1002) of the model that made ``obj`` (General Equipment Module, PS3.3 C.7.5.1, Type 3).
+
+    The result objects' General Equipment already describes the model
+    (Manufacturer, Manufacturer's Model Name = model name, Device Serial
+    Number = model version), so its per-version Device UID
+    (:attr:`dicom_io.uids.ResultUIDs.device`) belongs there too; the SR also
+    names it as Device Observer UID (TID 1004).
+    """
+    obj.DeviceUID = device_uid
 
 
 #: Grader basis -> (group title, per-class percentage concepts).
@@ -704,7 +722,7 @@ def build_sr(
         referenced_images=list(source_instances),
     )
     equipment = {(a.name, a.version): a for a in [algorithm, *(g.algorithm for g in graders)]}
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_instances, *references],
         content=report[0],
         series_instance_uid=uids.sr_series,
@@ -718,10 +736,11 @@ def build_sr(
         series_description=SR_SERIES_DESCRIPTION,
         is_complete=True,
         is_final=False,
-        contributing_equipment=[a.contributing_equipment(_result_uids(source_instances, a).device)
-                                for a in equipment.values()],
+        contributing_equipment=[a.contributing_equipment() for a in equipment.values()],
         coding_schemes=[_local_scheme_item()],
     )
+    set_device_uid(sr, uids.device)
+    return sr
 
 
 def read_sr_call(sr: Dataset) -> str:
@@ -965,8 +984,9 @@ def build_heatmap(
         tile_pixel_array=True,
         tile_size=(frame_side, frame_side),
         omit_empty_frames=False,
-        contributing_equipment=[algorithm.contributing_equipment(uids.device)],
+        contributing_equipment=[algorithm.contributing_equipment()],
     )
+    set_device_uid(seg, uids.device)
     if "PatientOrientation" not in seg:
         # General Image Module (PS3.3 C.7.6.1): Type 2C, required (may be empty) when there is no
         # Image Orientation (Patient), as in the slide coordinate system; highdicom leaves it out.

@@ -111,9 +111,10 @@ class ResultUIDs:
     ann: str
         SOP Instance UID of the cell annotations.
     device: str
-        Device UID (0018,1002) of the model version, for Contributing
-        Equipment and the SR device observer (IHE AI Results); depends on the
-        model name and version only, not on the slide.
+        Device UID (0018,1002) of the model version, for the General
+        Equipment of the objects it makes and the SR device observer (IHE
+        AI Results); depends on the model name and version only, not on the
+        slide.
 
     """
 
