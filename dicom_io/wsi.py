@@ -5,11 +5,17 @@ refused with one precise line (:class:`SlideError`): no such path, no DICOM
 files, a truncated file, another SOP class (e.g. a CT slice), a transfer
 syntax the reader does not decode, files from several series or patients
 (Patient ID or Name, Study or Series Instance UID differ), two different
-files claiming one SOP Instance UID, pyramid metadata wsidicom needs (Image
-Type, Dimension Organization Type, as files from OrthancWSIDicomizer lack)
-missing, or absurd dimensions (a side over :data:`MAX_LEVEL_SIDE` pixels, or
-a TILED_FULL frame count that does not match its Total Pixel Matrix). A file
-repeated under another name (same SOP Instance UID, same size) is read once.
+files claiming one SOP Instance UID, pyramid metadata missing that no safe
+default replaces (:mod:`dicom_io.wsi_headers` fills Image Type, Dimension
+Organization Type, origin, orientation and frame of reference where the
+instance implies them, as files from OrthancWSIDicomizer need), or absurd
+dimensions (a side over :data:`MAX_LEVEL_SIDE` pixels, or a TILED_FULL frame
+count that does not match its Total Pixel Matrix). A file repeated under
+another name (same SOP Instance UID, same size) is read once.
+
+Tiles are read at any resolution through :meth:`Slide.tile_source`: from the
+pyramid level at that resolution, or resampled from the nearest finer level
+when the pyramid has none (e.g. 0.5, 2, 8 um/px and a 1 um/px model).
 
 Reading stays memory-bounded: the thumbnail is refused, naming the missing
 pyramid levels, when it would need more than :data:`MAX_THUMBNAIL_SOURCE_PIXELS`
@@ -19,26 +25,34 @@ pixels at once, and tiles that fail to decode raise :class:`CorruptTileError`
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import imagecodecs
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage
+from upath import UPath
 from wsidicom import WsiDicom
 from wsidicom.config import Settings as WsiSettings
+from wsidicom.config import use_settings
+from wsidicom.file import WsiDicomFileSource
+from wsidicom.file.io import WsiDicomReadIO
 
 from dicom_io.errors import CorruptTileError, SlideError
 from dicom_io.transfer_syntax import TRANSFER_SYNTAXES, describe
+from dicom_io.wsi_headers import RESAMPLED_IMAGE_TYPE, SplicedFile, fill_defaults
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +85,42 @@ class SourceIdentity:
 
 @dataclass(frozen=True)
 class LevelInfo:
+    """One resolution of a slide: a pyramid level, or (index past the pyramid's) a resampled one."""
+
     index: int
     width: int
     height: int
     mpp: float
     tile_width: int
     tile_height: int
+
+
+#: Reads tile (row, col) as RGB uint8 (T, T, 3); pixels beyond the image are white.
+TileRead = Callable[[int, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TileSource:
+    """Square tiles of ``level``, read from the pyramid level ``source_level``.
+
+    ``level`` is ``source_level`` itself when the pyramid has the wanted
+    resolution; otherwise it is a resampled level (index past the pyramid's
+    levels) whose metadata :meth:`Slide.level_dataset` gives, and each tile
+    is box-averaged from the region of ``source_level`` it covers.
+    """
+
+    level: LevelInfo
+    source_level: LevelInfo
+    read: TileRead
+
+    @property
+    def resampled(self) -> bool:
+        return self.level.index != self.source_level.index
+
+    def summary(self) -> dict[str, float]:
+        """Which pyramid level was read, its spacing, and whether tiles were resampled from it (summary.json)."""
+        return {"level_read": self.source_level.index, "level_read_mpp": self.source_level.mpp,
+                "level_resampled": int(self.resampled)}
 
 
 def _dicom_files(path: Path | Sequence[Path]) -> list[Path]:
@@ -200,7 +244,8 @@ def _validate_instance(path: Path, ds: Dataset) -> None:
     _check_complete(path, ds)
 
 
-def _validate(headers: dict[Path, Dataset]) -> None:
+def _validate_series(headers: dict[Path, Dataset]) -> None:
+    """Refuse other SOP classes and instances of several slides."""
     for path, ds in headers.items():
         with _about(path):
             _check_sop_class(ds)
@@ -211,9 +256,19 @@ def _validate(headers: dict[Path, Dataset]) -> None:
                 values.add(str(ds.get(key, "")))
         if len(values) > 1:
             raise SlideError(f"instances disagree on {key} ({len(values)} different values): refusing to mix slides")
+
+
+def _validate(headers: dict[Path, Dataset]) -> dict[Path, list[str]]:
+    """Refuse bad input; give missing attributes their defaults first. Returns the defaults given per file."""
+    _validate_series(headers)
+    try:
+        changed = fill_defaults(headers)
+    except Exception as exc:  # pydicom converts values lazily: ValueError, NotImplementedError (unknown VR), ...
+        raise SlideError(f"malformed header ({type(exc).__name__}: {exc})") from exc
     for path, ds in headers.items():
         with _about(path):
             _validate_instance(path, ds)
+    return changed
 
 
 class Slide:
@@ -239,6 +294,11 @@ class Slide:
             )
             for i, lvl in enumerate(wsi.levels)
         ]
+        #: Resampled levels made by :meth:`tile_source`, by index (past the pyramid's), with their metadata.
+        self._resampled: dict[int, tuple[LevelInfo, Dataset]] = {}
+        #: Focal plane (um) and optical path read on each level: the central plane, the brightfield path.
+        self._plane = {i: central_plane(lvl.focal_planes) for i, lvl in enumerate(wsi.levels)}
+        self._path = brightfield_path(headers.values())
 
     def close(self) -> None:
         self._wsi.close()
@@ -255,7 +315,15 @@ class Slide:
         return list(self.headers.values())
 
     def level_dataset(self, level: int) -> Dataset:
-        """Metadata of the instance holding ``level`` (matched on Total Pixel Matrix size)."""
+        """Metadata of the instance holding ``level`` (matched on Total Pixel Matrix size).
+
+        For a resampled level (see :meth:`tile_source`) this is the metadata
+        of the instance it was read from, with the resampled level's size,
+        Pixel Spacing and Total Pixel Matrix Origin, so results built on it
+        sit where the tiles were read.
+        """
+        if level in self._resampled:
+            return self._resampled[level][1]
         info = self.levels[level]
         for ds in self.headers.values():
             if (ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows) == (info.width, info.height):
@@ -270,6 +338,53 @@ class Slide:
         have = ", ".join(f"{lvl.mpp:.3g}" for lvl in self.levels)
         raise SlideError(f"missing pyramid level: none within {tolerance:.0%} of {mpp:g} um/px, the model's "
                          f"magnification (the slide has {have} um/px)")
+
+    def tile_source(self, mpp: float, tile_size: int, tolerance: float = 0.15) -> TileSource:
+        """Tiles of ``tile_size`` px at ``mpp`` um/px.
+
+        From the pyramid level within ``tolerance`` of ``mpp`` when there is
+        one (:meth:`level_for_mpp`); otherwise box-resampled from the nearest
+        finer level, reading only the region each tile covers. A slide with
+        no level that fine is refused.
+        """
+        try:
+            level = self.level_for_mpp(mpp, tolerance)
+            return TileSource(level, level, self.tile_reader(level, tile_size))
+        except SlideError as missing:
+            finer = [lvl for lvl in self.levels if lvl.mpp < mpp]
+            if not finer:
+                raise SlideError(f"{missing}; none is finer to resample from") from None
+        source = max(finer, key=lambda lvl: lvl.mpp)
+        level = self._resampled_level(source, mpp, tile_size)
+        log.info("no pyramid level within %.0f%% of %g um/px: resampling level %d (%.3g um/px)", tolerance * 100, mpp,
+                 source.index, source.mpp)
+        return TileSource(level, source, lambda row, col: self._resample_tile(source, level, row, col))
+
+    def _resampled_level(self, source: LevelInfo, mpp: float, tile_size: int) -> LevelInfo:
+        """A level at ``mpp`` um/px over the area of ``source``, registered with its metadata."""
+        factor = mpp / source.mpp
+        level = LevelInfo(index=len(self.levels) + len(self._resampled),
+                          width=max(1, round(source.width / factor)), height=max(1, round(source.height / factor)),
+                          mpp=mpp, tile_width=tile_size, tile_height=tile_size)
+        self._resampled[level.index] = (level, resampled_dataset(self.level_dataset(source.index), level, factor))
+        return level
+
+    def _resample_tile(self, source: LevelInfo, level: LevelInfo, row: int, col: int) -> np.ndarray:
+        """Tile (row, col) of the resampled ``level``: the area of ``source`` it covers, box-averaged."""
+        factor, size = level.mpp / source.mpp, level.tile_width
+        x0, y0 = col * size * factor, row * size * factor
+        x1, y1 = x0 + size * factor, y0 + size * factor
+        left, top = math.floor(x0), math.floor(y0)
+        region = np.full((math.ceil(y1) - top, math.ceil(x1) - left, 3), 255, np.uint8)
+        w, h = min(source.width, math.ceil(x1)) - left, min(source.height, math.ceil(y1)) - top
+        if w > 0 and h > 0:
+            try:
+                region[:h, :w] = np.asarray(self._read(source, left, top, w, h))
+            except SlideError as exc:
+                raise CorruptTileError(str(exc)) from exc
+        tile = Image.fromarray(region).resize((size, size), Image.Resampling.BOX,
+                                              box=(x0 - left, y0 - top, x1 - left, y1 - top))
+        return whiten_outside(np.array(tile), level, row, col)
 
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
         """The whole slide at ``mpp`` um/px and that spacing.
@@ -298,7 +413,8 @@ class Slide:
     def _read(self, level: LevelInfo, x: int, y: int, w: int, h: int) -> Image.Image:
         """RGB region of ``level``; pixel data that cannot be decoded raises :class:`SlideError`."""
         try:
-            return self._wsi.read_region((x, y), level.index, (w, h)).convert("RGB")
+            return self._wsi.read_region((x, y), level.index, (w, h), z=self._plane[level.index],
+                                         path=self._path).convert("RGB")
         except MemoryError:
             raise
         except Exception as exc:  # wsidicom and its decoders (Pillow, imagecodecs, pydicom) raise many types
@@ -320,7 +436,8 @@ class Slide:
 
             def read(row: int, col: int) -> np.ndarray:
                 try:
-                    data = self._wsi.read_encoded_tile(level.index, (col, row), crop_to_image_boundary=False)
+                    data = self._wsi.read_encoded_tile(level.index, (col, row), z=self._plane[level.index],
+                                                       path=self._path, crop_to_image_boundary=False)
                 except MemoryError:
                     raise
                 except Exception as exc:  # a damaged frame index or offset table, as wsidicom finds it
@@ -341,6 +458,75 @@ class Slide:
             return out
 
         return read_region
+
+
+def central_plane(planes: Sequence[float]) -> float:
+    """The middle one of a level's focal planes (um), the plane a scanner focused on (PS3.3 C.8.12.4.1.8)."""
+    return sorted(planes)[len(planes) // 2]
+
+
+#: Illumination Type (PS3.3 C.8.12.5, CID 8123) of brightfield microscopy.
+BRIGHTFIELD = "111744"
+
+
+def brightfield_path(headers: Iterable[Dataset]) -> str | None:
+    """Identifier of the brightfield optical path; None when the slide has one path or says no illumination.
+
+    A slide whose optical paths are all of another illumination (fluorescence) is refused: a HER2 IHC/DAB
+    stain is read in transmitted white light.
+    """
+    paths: dict[str, set[str]] = {}
+    for ds in headers:
+        for item in ds.get("OpticalPathSequence", []):
+            codes = {str(c.get("CodeValue", "")) for c in item.get("IlluminationTypeCodeSequence", [])}
+            paths.setdefault(str(item.get("OpticalPathIdentifier", "")), set()).update(codes)
+    if len(paths) < 2:
+        return None
+    brightfield = sorted(p for p, codes in paths.items() if BRIGHTFIELD in codes or not codes)
+    if not brightfield:
+        raise SlideError(f"no brightfield optical path among {len(paths)} ({', '.join(sorted(paths))}): "
+                         "HER2 IHC is read in brightfield")
+    return brightfield[0]
+
+
+def resampled_dataset(source: Dataset, level: LevelInfo, factor: float) -> Dataset:
+    """Metadata of ``level``, resampled by ``factor`` from the level ``source`` describes.
+
+    A copy of ``source`` (same SOP Instance UID: the instance whose pixels
+    were read) with the new Total Pixel Matrix size, TILED_FULL in tiles of
+    ``level``'s size, Pixel Spacing times ``factor`` (PS3.3 C.8.12.4) and the
+    Total Pixel Matrix Origin moved to the centre of the new top-left pixel
+    (origins are pixel centres, as highdicom reads them: see
+    :func:`dicom_io.results.tile_centre_position`).
+    """
+    ds = Dataset()
+    ds.file_meta = source.file_meta
+    for element in source:  # copies: setting a value below must not change the source's
+        if element.keyword not in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+            ds.add(copy.copy(element))
+    centre = hd.spatial.ImageToReferenceTransformer.for_image(source, for_total_pixel_matrix=True)(
+        np.array([[factor / 2, factor / 2]]))[0]
+    origin = Dataset()
+    origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = float(centre[0]), float(centre[1])
+    ds.TotalPixelMatrixOriginSequence = DicomSequence([origin])
+    shared = Dataset()
+    for element in source.SharedFunctionalGroupsSequence[0]:
+        if element.keyword != "PixelMeasuresSequence":
+            shared.add(copy.copy(element))
+    measures = Dataset()
+    old = source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    measures.PixelSpacing = [float(v) * factor for v in old.PixelSpacing]
+    if "SliceThickness" in old:
+        measures.SliceThickness = old.SliceThickness
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = level.width, level.height
+    ds.Columns, ds.Rows = level.tile_width, level.tile_height
+    ds.NumberOfFrames = math.ceil(level.width / level.tile_width) * math.ceil(level.height / level.tile_height)
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.ImageType = RESAMPLED_IMAGE_TYPE
+    ds.TotalPixelMatrixFocalPlanes = 1
+    return ds
 
 
 def whiten_outside(tile: np.ndarray, level: LevelInfo, row: int, col: int) -> np.ndarray:
@@ -394,10 +580,37 @@ def open_slide(path: Path | Sequence[Path]) -> Slide:
     path = Path(path) if isinstance(path, (str, Path)) else [Path(p) for p in path]
     where = path if isinstance(path, Path) else f"{len(path)} files in {path[0].parent if path else '.'}"
     headers = {p: _read_header(p) for p in _dicom_files(path)}
-    _validate(headers)
+    changed = _validate(headers)
     headers = _unique(headers)
     try:
-        wsi = WsiDicom.open(list(headers), settings=_READ_SETTINGS)
+        wsi = _open_wsidicom(headers, changed)
     except Exception as exc:  # wsidicom raises several unrelated types for bad pyramids
         raise SlideError(f"{where}: wsidicom could not open the slide ({type(exc).__name__}: {exc})") from exc
-    return Slide(wsi, headers)
+    try:
+        return Slide(wsi, headers)
+    except BaseException as exc:
+        wsi.close()
+        if isinstance(exc, (SlideError, MemoryError)) or not isinstance(exc, Exception):
+            raise
+        raise SlideError(f"{where}: malformed pyramid metadata ({type(exc).__name__}: {exc})") from exc
+
+
+def _open_wsidicom(headers: dict[Path, Dataset], changed: dict[Path, list[str]]) -> WsiDicom:
+    """wsidicom over the files, those given defaults read with their changed headers (:class:`SplicedFile`)."""
+    if not changed.keys() & headers.keys():
+        return WsiDicom.open(list(headers), settings=_READ_SETTINGS)
+    streams = []
+    try:
+        for path, ds in headers.items():
+            if path in changed:
+                stream = io.BufferedReader(SplicedFile(path, ds))
+                where = UPath(path.with_name(f"{path.name} (with defaults)"))  # not a file: wsidicom keeps this stream
+            else:
+                stream, where = open(path, "rb"), UPath(path)  # noqa: SIM115 - wsidicom closes it
+            streams.append(WsiDicomReadIO(stream, where))
+        with use_settings(_READ_SETTINGS):
+            return WsiDicom(WsiDicomFileSource(streams), True, settings=_READ_SETTINGS)
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise

@@ -185,17 +185,27 @@ def test_level_far_from_the_models_magnification_is_refused(tmp_path, slides):
     with pytest.raises(SlideError) as refused:
         score_slide(folder, load_settings())
     assert str(refused.value) == ("missing pyramid level: none within 15% of 1 um/px, the model's magnification "
-                                  "(the slide has 4 um/px)")
+                                  "(the slide has 4 um/px); none is finer to resample from")
 
 
-def test_orthanc_dicomizer_style_series_says_what_is_missing(tmp_path, slides):
+def test_series_without_image_and_organization_type_gets_them_from_its_levels(tmp_path, slides):
     """OrthancWSIDicomizer writes no Image Type or Dimension Organization Type (see design notes)."""
     folder = series_copy(tmp_path, slides["3+"], "dicomizer")
     for path in sorted(folder.glob("level-*.dcm")):
         edit(path, ImageType=None, DimensionOrganizationType=None)
+    with open_slide(folder) as slide:
+        assert [lvl.width for lvl in slide.levels] == [2048, 1024, 512]
+        assert list(slide.level_dataset(0).ImageType) == ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+        assert list(slide.level_dataset(2).ImageType) == ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        assert slide.level_dataset(1).DimensionOrganizationType == "TILED_FULL"
+
+
+def test_series_whose_frames_imply_no_organization_says_what_is_missing(tmp_path, slides):
+    folder = series_copy(tmp_path, slides["3+"], "dicomizer")
+    edit(folder / "level-0.dcm", DimensionOrganizationType=None, NumberOfFrames=3)  # 16 tiles, no plane positions
     with pytest.raises(SlideError) as refused:
         open_slide(folder)
-    assert str(refused.value) == ("level-0.dcm: VL WSM instance lacks ImageType, DimensionOrganizationType "
+    assert str(refused.value) == ("level-0.dcm: VL WSM instance lacks DimensionOrganizationType "
                                   "(needed to place it in the pyramid)")
 
 

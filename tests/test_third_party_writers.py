@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    generate_uid,
+)
 
-from dicom_io.wsi import open_slide
+from dicom_io.errors import SlideError
+from dicom_io.results import (
+    AlgorithmInfo,
+    build_heatmap,
+    build_sr,
+    tile_centre_position,
+)
+from dicom_io.wsi import BRIGHTFIELD, brightfield_path, open_slide
 from tests.conftest import REAL_HER2
-from tests.third_party import needs_wsidicomizer, wsidicomize
+from tests.third_party import (
+    highdicom_write,
+    needs_orthanc_dicomizer,
+    needs_wsidicomizer,
+    orthanc_dicomize,
+    wsidicomize,
+)
+from worker.aggregate import CLASSES, SlideCall, SlideScore
+from worker.preprocessing import grid_for_level
 
 #: A real 2+ ISH+ core (tests/data/real_her2) at 0.25 um/px.
 REAL_2P = REAL_HER2 / "2_0123a214-85b7-4804-86db-474b05a4ae57.jpg"
@@ -51,3 +77,161 @@ def test_real_cores_are_wsidicomizer_pyramids_with_a_1um_level(real_cores: dict[
             patients.add(slide.identity.patient_id)
             assert slide.level_dataset(0).Manufacturer != "her2-dicom-worker"
     assert patients == {f"REAL-{label}" for label in real_cores}
+
+
+def edit(path: Path, **values: object) -> None:
+    """Set attributes of the DICOM file at ``path`` (a value of None deletes the attribute)."""
+    ds = pydicom.dcmread(path)
+    for key, value in values.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path)
+
+
+def uniform_score(level_width: int, level_height: int, mpp: float) -> SlideScore:
+    """Every tile of a 512 px grid on a ``level_width`` x ``level_height`` level scored 2+ (for result building)."""
+    grid = grid_for_level(level_width, level_height, 512, (mpp / 1000, mpp / 1000))
+    probabilities = np.zeros((grid.rows, grid.cols, len(CLASSES)), np.float32)
+    probabilities[..., 2] = 1.0
+    return SlideScore(call=SlideCall.TWO, percentages={"0": 0.0, "1+": 0.0, "2+": 100.0, "3+": 0.0}, grid=grid,
+                      probabilities=probabilities, tumour_fraction=np.ones((grid.rows, grid.cols), np.float32),
+                      scored=np.ones((grid.rows, grid.cols), bool), flags=[])
+
+
+ALGORITHM = AlgorithmInfo(name="test", version="1", software_version="0")
+
+
+def test_tiles_are_resampled_from_the_nearest_finer_level_when_the_pyramid_skips_the_models(tmp_path: Path,
+                                                                                            monkeypatch) -> None:
+    # 20x scanner pyramid with 4x steps: 0.5, 2, 8 um/px; no level near the model's 1 um/px.
+    series = highdicom_write(real_crop(1400, 1200), 0.5, tmp_path / "s", tile_size=256, downsamples=(1, 4, 16))
+    with open_slide(series) as slide:
+        assert [lvl.mpp for lvl in slide.levels] == pytest.approx([0.5, 2.0, 8.0])
+        regions = []
+        read_region = slide._read
+        monkeypatch.setattr(slide, "_read", lambda lvl, x, y, w, h: regions.append((lvl.index, w, h)) or
+                            read_region(lvl, x, y, w, h))
+        tiles = slide.tile_source(1.0, 512)
+        assert tiles.resampled and tiles.source_level.index == 0
+        assert (tiles.level.width, tiles.level.height, tiles.level.mpp) == (700, 600, 1.0)
+        assert tiles.summary() == {"level_read": 0, "level_read_mpp": pytest.approx(0.5), "level_resampled": 1}
+        base = np.asarray(read_region(slide.levels[0], 0, 0, 1400, 1200))
+        full = tiles.read(0, 0)
+        assert np.abs(full.astype(int) - np.asarray(Image.fromarray(base[:1024, :1024]).reduce(2))).max() <= 1
+        edge = tiles.read(1, 1)  # 188 x 88 px of image, the rest beyond it
+        expected = np.asarray(Image.fromarray(base[1024:, 1024:]).reduce(2))
+        assert np.abs(edge[:88, :188].astype(int) - expected).max() <= 1
+        assert (edge[88:] == 255).all() and (edge[:, 188:] == 255).all()
+        assert max(w * h for _, w, h in regions) <= 1024 * 1024  # only the region one tile covers is read
+
+        level_ds, source_ds = slide.level_dataset(tiles.level.index), slide.level_dataset(0)
+        assert level_ds.SOPInstanceUID == source_ds.SOPInstanceUID
+        assert (level_ds.TotalPixelMatrixColumns, level_ds.TotalPixelMatrixRows) == (700, 600)
+        spacing = level_ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        assert [float(v) for v in spacing] == pytest.approx([0.001, 0.001])
+        for row, col in ((0, 0), (1, 1)):  # a 512 px tile at 1 um/px is the 1024 px tile at 0.5 um/px
+            assert tile_centre_position(level_ds, 512, row, col) == pytest.approx(
+                tile_centre_position(source_ds, 1024, row, col), abs=1e-9)
+        score = uniform_score(700, 600, 1.0)
+        seg = build_heatmap(slide.source_datasets, level_ds, score, ALGORITHM)
+        position = seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSlideSequence[0]
+        assert [float(position.XOffsetInSlideCoordinateSystem), float(position.YOffsetInSlideCoordinateSystem)] == \
+            pytest.approx(tile_centre_position(source_ds, 1024)[:2], abs=1e-6)
+        assert build_sr(slide.source_datasets, level_ds, score, ALGORITHM).SOPClassUID.name == "Comprehensive 3D SR Storage"
+
+
+@needs_orthanc_dicomizer
+def test_orthanc_dicomizer_series_opens_with_inferred_pyramid_attributes(tmp_path: Path) -> None:
+    rgb = real_crop(2400, 2200)
+    series = orthanc_dicomize(rgb, 0.25, tmp_path / "s", tile_size=256, levels=4)
+    assert "ImageType" not in pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True)
+    with open_slide(series) as slide:
+        assert [lvl.mpp for lvl in slide.levels] == pytest.approx([0.25, 0.5, 1.0, 2.0])
+        datasets = [slide.level_dataset(lvl.index) for lvl in slide.levels]
+        assert [ds.ImageType[0] for ds in datasets] == ["ORIGINAL", "DERIVED", "DERIVED", "DERIVED"]
+        assert {ds.DimensionOrganizationType for ds in datasets} == {"TILED_SPARSE"}  # a plane position per frame
+        assert len({ds.FrameOfReferenceUID for ds in datasets}) == 1
+        tile = slide.tile_source(1.0, 512).read(0, 0)
+        expected = np.asarray(Image.fromarray(rgb[:2048, :2048]).reduce(4))
+        # Its own pyramid (2x decimation without smoothing, JPEG at every step): same colours, not same pixels.
+        assert tile.mean(axis=(0, 1)) == pytest.approx(expected.mean(axis=(0, 1)), abs=3)
+
+
+def test_missing_origin_defaults_to_the_slide_corner_and_results_are_built(tmp_path: Path, caplog) -> None:
+    series = highdicom_write(real_crop(1100, 900), 1.0, tmp_path / "s", downsamples=(1, 4), with_origin=False)
+    with caplog.at_level(logging.WARNING), open_slide(series) as slide:
+        level_ds = slide.level_dataset(0)
+        origin = level_ds.TotalPixelMatrixOriginSequence[0]
+        assert (origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem) == (0.0, 0.0)
+        score = uniform_score(1100, 900, 1.0)
+        sr = build_sr(slide.source_datasets, level_ds, score, ALGORITHM)
+        assert sr.ContentSequence  # built, no ValueError about the origin
+        assert tile_centre_position(level_ds, 512) == pytest.approx([-0.2555, -0.2555, 0.0])
+    assert "level-0.dcm: no TotalPixelMatrixOriginSequence" in caplog.text
+
+
+def test_levels_in_another_frame_of_reference_are_kept_when_their_geometry_fits(tmp_path: Path, caplog) -> None:
+    """Google wsi2dcm writes a Frame of Reference UID per level; wsidicom alone drops all but the base level's."""
+    series = highdicom_write(real_crop(1100, 900), 1.0, tmp_path / "s", downsamples=(1, 2, 4))
+    edit(series / "level-1.dcm", FrameOfReferenceUID=generate_uid())
+    shifted = pydicom.dcmread(series / "level-2.dcm")
+    shifted.TotalPixelMatrixOriginSequence[0].XOffsetInSlideCoordinateSystem = 25.0  # 5 mm away: another area
+    shifted.FrameOfReferenceUID = generate_uid()
+    shifted.save_as(series / "level-2.dcm")
+    with caplog.at_level(logging.WARNING), open_slide(series) as slide:
+        assert [lvl.width for lvl in slide.levels] == [1100, 550]
+        assert slide.level_dataset(1).FrameOfReferenceUID == slide.level_dataset(0).FrameOfReferenceUID
+    assert "level-1.dcm: Frame of Reference UID differs from the base level's but its extent and origin agree" in \
+        caplog.text
+    assert "level-2.dcm: Frame of Reference UID differs from the base level's and its extent or origin does not " \
+        "agree with it; level dropped from the pyramid" in caplog.text
+
+
+@pytest.mark.parametrize("writer", [
+    pytest.param({"transfer_syntax": ExplicitVRLittleEndian}, id="explicit-vr-le"),
+    pytest.param({"transfer_syntax": JPEGLSLossless, "sparse": True}, id="jpeg-ls-tiled-sparse"),
+    pytest.param({"transfer_syntax": ExplicitVRLittleEndian, "focal_planes": 5}, id="five-focal-planes"),
+])
+def test_highdicom_written_slides_read_their_pixels(tmp_path: Path, writer: dict) -> None:
+    rgb = real_crop(700, 600)  # 1 um/px: tile (1, 1) holds 188 x 88 px of image
+    series = highdicom_write(rgb, 1.0, tmp_path / "s", tile_size=256, downsamples=(1, 4), pad=0, **writer)
+    with open_slide(series) as slide:
+        tiles = slide.tile_source(1.0, 512)
+        assert not tiles.resampled
+        assert np.array_equal(tiles.read(0, 0), rgb[:512, :512])  # lossless, and the central (in-focus) plane
+        edge = tiles.read(1, 1)
+        assert np.array_equal(edge[:88, :188], rgb[512:, 512:])
+        assert (edge[88:] == 255).all() and (edge[:, 188:] == 255).all()  # black padding reads white
+
+
+@needs_wsidicomizer
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEG2000, HTJ2KLossless], ids=lambda s: s.name)
+def test_wsidicomizer_jpeg_2000_slides_read_their_pixels(tmp_path: Path, syntax: str) -> None:
+    rgb = real_crop(700, 600)
+    series = wsidicomize(rgb, 1.0, tmp_path / "s", tile_size=256, downsamples=(1, 4), transfer_syntax=syntax)
+    with open_slide(series) as slide:
+        assert slide.level_dataset(0).file_meta.TransferSyntaxUID == syntax
+        tile = slide.tile_source(1.0, 512).read(1, 1)
+        difference = np.abs(tile[:88, :188].astype(int) - rgb[512:, 512:])
+        assert difference.max() == 0 if syntax != JPEG2000 else difference.mean() < 3
+        assert (tile[88:] == 255).all() and (tile[:, 188:] == 255).all()
+
+
+def test_the_brightfield_optical_path_is_read_and_a_fluorescence_only_slide_refused() -> None:
+    def path(identifier: str, illumination: str) -> Dataset:
+        item = Dataset()
+        item.OpticalPathIdentifier = identifier
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = illumination, "DCM", "illumination"
+        item.IlluminationTypeCodeSequence = [code]
+        return item
+
+    level = Dataset()
+    level.OpticalPathSequence = [path("DAPI", "111743"), path("BF", BRIGHTFIELD)]
+    assert brightfield_path([level]) == "BF"
+    level.OpticalPathSequence = [path("DAPI", "111743"), path("FITC", "111743")]
+    with pytest.raises(SlideError, match=r"^no brightfield optical path among 2 \(DAPI, FITC\): HER2 IHC is read "
+                                         r"in brightfield$"):
+        brightfield_path([level])

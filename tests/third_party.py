@@ -11,7 +11,7 @@ series (PS3.3 A.32.8) written by another tool:
   wsidicomizer pins an older wsidicom than the worker, so it runs in its own
   virtual environment, :data:`CONVERT_PYTHON` (``deploy/install.sh --dev``).
 - :func:`orthanc_dicomize`: OrthancWSIDicomizer (Debian ``orthanc-wsi``) from a
-  TIFF; it writes neither Image Type nor Dimension Organization Type.
+  PNG; it writes neither Image Type nor Dimension Organization Type.
 - :func:`highdicom_write`: frames encoded by highdicom with any transfer
   syntax it encodes, TILED_FULL or TILED_SPARSE (Plane Position (Slide) per
   frame, PS3.3 C.8.12.6.1), a chosen padding colour and focal planes.
@@ -19,6 +19,7 @@ series (PS3.3 A.32.8) written by another tool:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -35,7 +36,9 @@ from pydicom import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    JPEG2000,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     VLWholeSlideMicroscopyImageStorage,
     generate_uid,
@@ -103,11 +106,15 @@ def orthanc_dicomize(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int 
                      compression: str = "jpeg", patient_id: str = "TP-ORTHANC") -> Path:
     """``rgb`` at ``mpp`` um/px written by OrthancWSIDicomizer (2x pyramid of ``levels``) into ``out_dir``.
 
-    The physical size goes in as ``--imaged-width/--imaged-height`` (mm), from which it derives Pixel Spacing.
+    The physical size goes in as ``--imaged-width/--imaged-height`` (mm), the extent along the slide's X and Y
+    axes: with its Image Orientation (Slide) 0\\-1\\0\\-1\\0\\0, slide X runs along the image's rows (its
+    height) and Y along its columns, so width and height are swapped to get the Pixel Spacing right. Version
+    1.1 writes no Image Type, Dimension Organization Type or Frame of Reference UID, and a Plane Position
+    (Slide) per frame.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    tiff = out_dir.parent / f"{out_dir.name}.tiff"
-    tifffile.imwrite(tiff, rgb, photometric="rgb", tile=(tile_size, tile_size))
+    png = out_dir.parent / f"{out_dir.name}.png"  # it reads PNG, JPEG or hierarchical JPEG TIFF (not zlib tiles)
+    Image.fromarray(rgb).save(png, compress_level=1)
     dataset = out_dir.parent / f"{out_dir.name}.json"
     dataset.write_text(json.dumps({"PatientID": patient_id, "PatientName": "THIRD^PARTY",
                                    "StudyDescription": "HER2 IHC"}))
@@ -115,13 +122,13 @@ def orthanc_dicomize(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int 
     try:
         subprocess.run([ORTHANC_DICOMIZER or "OrthancWSIDicomizer", "--pyramid=1", f"--levels={levels}",
                         f"--tile-width={tile_size}", f"--tile-height={tile_size}", f"--compression={compression}",
-                        f"--imaged-width={width * mpp / 1000}", f"--imaged-height={height * mpp / 1000}",
-                        f"--dataset={dataset}", f"--folder={out_dir}", str(tiff)],
+                        f"--imaged-width={height * mpp / 1000}", f"--imaged-height={width * mpp / 1000}",
+                        f"--dataset={dataset}", f"--folder={out_dir}", str(png)],
                        check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(f"OrthancWSIDicomizer failed: {exc.stderr[-2000:]}") from exc
     finally:
-        tiff.unlink(missing_ok=True)
+        png.unlink(missing_ok=True)
         dataset.unlink(missing_ok=True)
     return out_dir
 
@@ -140,7 +147,9 @@ def _frames(level: np.ndarray, tile_size: int, pad: int) -> list[np.ndarray]:
 
 
 def _photometric(transfer_syntax: str) -> str:
-    return {JPEGBaseline8Bit: "YBR_FULL_422", ExplicitVRLittleEndian: "RGB"}.get(transfer_syntax, "RGB")
+    """The Photometric Interpretation highdicom encodes colour frames of ``transfer_syntax`` in (PS3.5 8.2)."""
+    return {JPEGBaseline8Bit: "YBR_FULL_422", JPEG2000Lossless: "YBR_RCT", JPEG2000: "YBR_ICT"}.get(transfer_syntax,
+                                                                                                   "RGB")
 
 
 def highdicom_write(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int = 256,
@@ -174,10 +183,10 @@ def highdicom_write(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int =
             per_frame = []
             for z in range(focal_planes):
                 for position in positions:
+                    plane = copy.deepcopy(position[0])
+                    plane.ZOffsetInSlideCoordinateSystem = float(z - central)  # um (PS3.3 C.8.12.6.1.1)
                     item = Dataset()
-                    plane = position[0]
-                    plane.ZOffsetInSlideCoordinateSystem = (z - central) * 0.001
-                    item.PlanePositionSlideSequence = DicomSequence([_copy(plane)])
+                    item.PlanePositionSlideSequence = DicomSequence([plane])
                     per_frame.append(item)
             ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
         encoded = [hd.frame.encode_frame(f, transfer_syntax, 8, 8, photometric, 0, 0) for f in frames]
@@ -190,29 +199,18 @@ def highdicom_write(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int =
     return out_dir
 
 
-def _copy(item: Dataset) -> Dataset:
-    out = Dataset()
-    for element in item:
-        out.add(element)
-    return out
-
-
 def _single_plane(ds: Dataset) -> Dataset:
-    """``ds`` as TILED_FULL with one focal plane: what the per-frame position helper expects."""
-    plane = Dataset()
-    for keyword in ("Rows", "Columns", "TotalPixelMatrixRows", "TotalPixelMatrixColumns", "ImageOrientationSlide",
-                    "SharedFunctionalGroupsSequence", "TotalPixelMatrixOriginSequence", "NumberOfOpticalPaths"):
-        if keyword in ds:
-            setattr(plane, keyword, ds[keyword].value)
+    """A copy of ``ds`` as TILED_FULL with one focal plane: what the per-frame position helper expects."""
+    plane = copy.deepcopy(ds)
+    plane.TotalPixelMatrixFocalPlanes = 1
+    plane.DimensionOrganizationType = "TILED_FULL"
+    plane.NumberOfFrames = math.ceil(ds.TotalPixelMatrixColumns / ds.Columns) * \
+        math.ceil(ds.TotalPixelMatrixRows / ds.Rows)
     if "TotalPixelMatrixOriginSequence" not in plane:
         origin = Dataset()
         origin.XOffsetInSlideCoordinateSystem = 0.0
         origin.YOffsetInSlideCoordinateSystem = 0.0
         plane.TotalPixelMatrixOriginSequence = DicomSequence([origin])
-    plane.TotalPixelMatrixFocalPlanes = 1
-    plane.DimensionOrganizationType = "TILED_FULL"
-    tiles = math.ceil(ds.TotalPixelMatrixColumns / ds.Columns) * math.ceil(ds.TotalPixelMatrixRows / ds.Rows)
-    plane.NumberOfFrames = tiles
     return plane
 
 

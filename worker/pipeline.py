@@ -103,6 +103,7 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
             datasets.append(build_heatmap(slide.source_datasets, level_ds, score, algorithm))
         source = slide.identity
     stats["seconds"] = time.perf_counter() - started
+    stats.update(prepared.tiles.summary())
     stats.update({f"qc_{k}": v for k, v in quality.measures.items()})
     result = ScoringResult(score=score, source=source, datasets=datasets, stats=stats)
     if out_dir is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dicom_io.errors import CorruptTileError
-from dicom_io.wsi import LevelInfo, Slide
+from dicom_io.wsi import LevelInfo, Slide, TileRead, TileSource
 from worker.aggregate import TileGrid
 from worker.preprocessing import (
     THUMBNAIL_MPP,
@@ -54,14 +54,22 @@ class SlideSurvey:
 
 @dataclass
 class PreparedSlide:
-    """A slide ready for tiling: survey, scored level, grid, tissue tiles, tile reader and stain normaliser."""
+    """A slide ready for tiling: survey, tiles at the model's resolution, grid, tissue tiles and stain normaliser."""
 
     survey: SlideSurvey
-    level: LevelInfo
+    tiles: TileSource
     grid: TileGrid
     candidates: list[Position]
-    read: Callable[[int, int], np.ndarray]
     normaliser: StainNormaliser
+
+    @property
+    def level(self) -> LevelInfo:
+        """The scored level (a resampled one when the pyramid has none at the model's resolution)."""
+        return self.tiles.level
+
+    @property
+    def read(self) -> TileRead:
+        return self.tiles.read
 
 
 @dataclass
@@ -87,14 +95,18 @@ def survey_slide(slide: Slide) -> SlideSurvey:
 
 def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
                   reference: StainReference) -> PreparedSlide:
-    """Tile grid at ``mpp`` um/px with the tissue tiles found by the survey, and the slide's stain normaliser."""
-    level = slide.level_for_mpp(mpp)
+    """Tile grid at ``mpp`` um/px with the tissue tiles found by the survey, and the slide's stain normaliser.
+
+    The tiles come from :meth:`dicom_io.wsi.Slide.tile_source`: the pyramid level at ``mpp``, or the
+    nearest finer one resampled.
+    """
+    tiles = slide.tile_source(mpp, tile_size)
+    level = tiles.level
     grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
     candidates = candidate_tiles(survey.mask, grid)
-    read = slide.tile_reader(level, tile_size)
-    normaliser = fit_stains(stain_sample(read, candidates), reference)
+    normaliser = fit_stains(stain_sample(tiles.read, candidates), reference)
     normaliser.expect(len(candidates) * tile_size**2)
-    return PreparedSlide(survey, level, grid, candidates, read, normaliser)
+    return PreparedSlide(survey, tiles, grid, candidates, normaliser)
 
 
 def spread_indices(n: int, k: int) -> range:
