@@ -29,6 +29,15 @@ SLIDES: dict[str, SlideSpec] = {
 }
 
 
+#: 40x slides (base level 0.25 um/px, pyramid to 8 um/px) for the membrane grader's whole-slide rows.
+SLIDES_40X: dict[str, SlideSpec] = {
+    "tiny40": SlideSpec(seed=65, width_um=768, height_um=768, class_mix=_MIX, patient_id="BENCH-T40"),
+    "small40": SlideSpec(seed=66, width_um=2048, height_um=2048, class_mix=_MIX, patient_id="BENCH-S40"),
+}
+#: Base level spacing of :data:`SLIDES_40X`.
+BENCH_MPP_40X = 0.25
+
+
 def _spec_record(spec: SlideSpec) -> dict:
     return {"seed": spec.seed, "width_um": spec.width_um, "height_um": spec.height_um,
             "class_mix": spec.class_mix, "tumour_fraction": spec.tumour_fraction,
@@ -36,8 +45,9 @@ def _spec_record(spec: SlideSpec) -> dict:
 
 
 def ensure_slide(name: str, cache: Path = DEFAULT_CACHE, log=print) -> Path:
-    """The series folder of benchmark slide ``name``, rendered into ``cache`` unless already there."""
-    spec = SLIDES[name]
+    """The series folder of benchmark slide ``name`` (10x or 40x), rendered into ``cache`` unless already there."""
+    spec = SLIDES[name] if name in SLIDES else SLIDES_40X[name]
+    mpp = BENCH_MPP if name in SLIDES else BENCH_MPP_40X
     folder = Path(cache) / name
     truth = folder / TRUTH_FILE
     if truth.is_file():
@@ -45,14 +55,14 @@ def ensure_slide(name: str, cache: Path = DEFAULT_CACHE, log=print) -> Path:
             recorded = json.loads(truth.read_text())
             written = recorded.get("spec", {})
             same = all(written.get(k) == v for k, v in _spec_record(spec).items())
-            if same and recorded.get("base_mpp") == BENCH_MPP:
+            if same and recorded.get("base_mpp") == mpp:
                 return folder
         except (OSError, ValueError):
             pass
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    mpx = spec.width_um * spec.height_um / BENCH_MPP**2 / 1e6
+    mpx = spec.width_um * spec.height_um / mpp**2 / 1e6
     log(f"rendering benchmark slide {name!r} ({mpx:.0f} Mpx, 1-4 s per Mpx) into {folder}")
-    write_synthetic_slide(spec, folder, mpp=BENCH_MPP)
+    write_synthetic_slide(spec, folder, mpp=mpp)
     return folder

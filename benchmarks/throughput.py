@@ -18,7 +18,12 @@ HER2 slide as DICOM, then prints, from this one run on this machine, a table of
 * every per-tile stage alone, one thread each (JPEG read + decode, white
   filter, Macenko normalisation, float input conversion, QC sharpness), and
   the ceiling those stages put on end-to-end throughput on this machine's cores;
-* peak RSS of scoring each slide in a fresh process, and their ratio.
+* peak RSS of scoring each slide in a fresh process, and their ratio;
+* the membrane (cell) grader: :func:`worker.membrane.grade_cells` alone on
+  1024 px fields at 0.25 um/px cut from the real HER2 cores in
+  ``tests/data/real_her2`` (fields per second on one thread), and
+  ``score_slide`` on a synthetic 40x slide with the grader on and off (its
+  whole-slide cost; on 10x slides it does not run: no level fine enough).
 
 Ratios are against the bare model of the same run. The benchmark asserts
 nothing about speed; ``tests/test_benchmark_smoke.py`` runs it on tiny slides
@@ -39,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.slides import DEFAULT_CACHE, SLIDES, ensure_slide
+from benchmarks.slides import DEFAULT_CACHE, SLIDES, SLIDES_40X, ensure_slide
 
 #: Tiles (from the small slide) used for the bare-model, decode and normalisation rates.
 SAMPLE_TILES = 64
@@ -219,6 +224,33 @@ def bare_model_rate(session, model, normalised: np.ndarray, batch_size: int, min
             done += len(x)
         if time.perf_counter() - t0 >= min_seconds:
             return Rate(done, time.perf_counter() - t0, time.process_time() - c0)
+
+
+#: Real HER2 IHC cores (about 0.25 um/px) the membrane grader's rate is measured on.
+REAL_CORES = Path(__file__).resolve().parents[1] / "tests" / "data" / "real_her2"
+
+
+def membrane_fields(n: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``n`` 1024 px fields from the middle of the real cores (round robin), and their glass colour."""
+    from PIL import Image
+
+    cores = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(REAL_CORES.glob("*.jpg"))]
+    corners = [(2048, 2048), (1024, 2048), (2048, 1024), (3072, 2048), (2048, 3072)]  # inside every core
+    fields = []
+    for i in range(n):
+        x, y = corners[(i // len(cores)) % len(corners)]
+        fields.append(cores[i % len(cores)][y : y + 1024, x : x + 1024])
+    return np.stack(fields), (233.0, 232.0, 240.0)  # the cores' glass (worker.preprocessing.tissue.glass_colour)
+
+
+def membrane_rate(n: int, min_seconds: float) -> Rate:
+    """The membrane grader alone, one field at a time on one thread (as one pool thread runs it)."""
+    from worker.membrane import grade_cells
+    from worker.preprocessing import REFERENCE
+
+    fields, glass = membrane_fields(n)
+    stains = REFERENCE.matrix()
+    return _repeat(lambda batch: [grade_cells(f, 0.25, stains, glass=glass) for f in batch], fields, 1, min_seconds)
 
 
 def end_to_end(series_dir: Path, settings) -> Rate:
@@ -459,6 +491,17 @@ def run(args: argparse.Namespace) -> None:
     rows.append(_stage("QC tile sharpness alone (1 thread)",
                        _repeat(sharpness, sample.normalised, settings.batch_size, args.min_seconds), bare,
                        f"worker.quality.sharpness, on {SHARPNESS_TILES} tiles per slide, in the decode pool"))
+    log("membrane grader ...")
+    cells = membrane_rate(args.membrane_fields, args.min_seconds)
+    rows.append(Row("membrane grader alone: 1024 px fields at 0.25 um/px of the real cores (1 thread)",
+                    cells.per_s, None, None, cells.cpu_ms, "fields/s (a field is 256 um, 1/4 of a CNN tile)"))
+    slide40 = ensure_slide(args.slide_40x, args.cache, log)
+    with_cells = end_to_end(slide40, settings)
+    without = end_to_end(slide40, settings.model_copy(update={"membrane_grader": False}))
+    rows.append(Row(f"end-to-end score_slide, {args.slide_40x} slide (40x), membrane grader on", None,
+                    with_cells.seconds, None, None, f"{with_cells.seconds / without.seconds:.2f} x the time with it off"))
+    rows.append(Row(f"end-to-end score_slide, {args.slide_40x} slide (40x), membrane grader off", None,
+                    without.seconds, None, None, "CNN only"))
     print()
     print_table(rows)
 
@@ -515,6 +558,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="minimum seconds each rate (bare model, normalisation) is measured for (default 3)")
     p.add_argument("--naive-max-tiles", type=int, default=0,
                    help="grade at most this many tiles in the naive loop (default 0 = all tissue tiles)")
+    p.add_argument("--membrane-fields", type=int, default=8,
+                   help="real-core fields the membrane grader's rate is measured on (default 8)")
+    p.add_argument("--slide-40x", default="small40", choices=sorted(SLIDES_40X),
+                   help="the 40x slide scored with the membrane grader on and off (default small40)")
     p.add_argument("--score-child", type=Path, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -69,7 +69,8 @@ def test_help():
 def test_benchmark_prints_every_figure(tmp_path):
     model = _tiny_model(tmp_path)
     proc = _run("--small", "tiny", "--large", "tiny-wide", "--cache", str(tmp_path / "slides"),
-                "--model-path", str(model), "--min-seconds", "0.05", "--sample-tiles", "4")
+                "--model-path", str(model), "--min-seconds", "0.05", "--sample-tiles", "4",
+                "--membrane-fields", "2", "--slide-40x", "tiny40")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
 
@@ -90,6 +91,11 @@ def test_benchmark_prints_every_figure(tmp_path):
         positive(cells[1])  # tiles/s
         positive(cells[3])  # x bare model
         positive(cells[4])  # CPU ms/tile
+    positive(row("membrane grader alone")[1])  # fields/s
+    positive(row("membrane grader alone")[4])  # CPU ms/field
+    on = positive(row("end-to-end score_slide, tiny40 slide (40x), membrane grader on")[2])
+    off = positive(row("end-to-end score_slide, tiny40 slide (40x), membrane grader off")[2])
+    assert on > off  # the grader reads and grades fields only when on
     for label in ("end-to-end score_slide", "naive loop"):
         positive(row(label + ("" if label == "naive loop" else ", tiny-wide slide"))[2])  # wall s
     for pattern in (r"end-to-end / bare model \(tiny-wide slide\): " + NUMBER,
@@ -104,6 +110,6 @@ def test_benchmark_prints_every_figure(tmp_path):
         positive(match.group(1))
     # Second run reuses the rendered slides.
     again = _run("--small-only", "--small", "tiny", "--cache", str(tmp_path / "slides"), "--model-path", str(model),
-                 "--min-seconds", "0.05", "--sample-tiles", "4")
+                 "--min-seconds", "0.05", "--sample-tiles", "4", "--membrane-fields", "2", "--slide-40x", "tiny40")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "rendering" not in again.stderr

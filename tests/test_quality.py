@@ -77,7 +77,7 @@ def test_blur_separates_through_the_dicom_path(tmp_path):
     flags = {}
     for name, median in medians.items():
         report = QualityReport()
-        check_graded(report, np.array([median]), 1.0, SETTINGS)
+        check_graded(report, np.array([median]), 1.0, None, SETTINGS)
         flags[name] = report.flags
     assert flags == {"sharp": [], "blurred": [f"QC: out of focus (sharpness {medians['blurred']:.1f} < 3.0)"]}
     # The job measures sharpness in the decode pool on a sample of tissue tiles (here: every one of them).

@@ -123,3 +123,14 @@ def asco_cap_call(percentages: dict[str, float], evidence_floor: float = 0.0) ->
     if stained > 0:
         return SlideCall.ULTRALOW
     return SlideCall.ZERO
+
+
+#: Order of the assessable calls for comparing graders: 0 and ultralow are one IHC category (score 0).
+_CATEGORY_RANK = {SlideCall.ZERO: 0, SlideCall.ULTRALOW: 0, SlideCall.ONE: 1, SlideCall.TWO: 2, SlideCall.THREE: 3}
+
+
+def category_distance(a: SlideCall, b: SlideCall) -> int:
+    """How many IHC categories apart two calls are (0 if either is not assessable)."""
+    if a not in _CATEGORY_RANK or b not in _CATEGORY_RANK:
+        return 0
+    return abs(_CATEGORY_RANK[a] - _CATEGORY_RANK[b])

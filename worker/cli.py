@@ -75,8 +75,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def print_summary(result, out_dir: Path | None) -> None:
     score = result.score
-    print(f"HER2 IHC slide call: {score.call.value}")
-    print("tumour-area percentages: " + ", ".join(f"{c}: {score.percentages[c]:.1f} %" for c in CLASSES))
+    decided = {"cnn": " (made by the CNN tile grader)", "membrane": " (made by the membrane cell grader)"}
+    print(f"HER2 IHC slide call: {score.call.value}{decided.get(result.decided_by, '')}")
+    if result.cells is not None:
+        s = result.cells.summary
+        print(f"membrane cell grader: {result.cells.call.value}; tumour cells: "
+              + ", ".join(f"{c}: {s.percentages[c]:.1f} % ({s.counts[c]})" for c in CLASSES)
+              + f"; membrane connectivity {s.connectivity:.3f}")
+    print(f"CNN tile grader: {result.cnn_call.value}; tumour area: "
+          + ", ".join(f"{c}: {score.percentages[c]:.1f} %" for c in CLASSES))
     print(f"reflex ISH: {'YES (2+ equivocal)' if score.reflex_ish else 'no'}")
     print(f"tumour area: {score.tumour_area_mm2:.2f} mm2 in {int(score.scored.sum())} tiles "
           f"({result.stats['seconds']:.1f} s)")

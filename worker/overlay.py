@@ -1,4 +1,4 @@
-"""PNG overlay for pathologists: tile grades over the slide thumbnail, with a legend."""
+"""PNG overlays for pathologists: tile grades over the slide thumbnail, and one field's graded cells, with legends."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from worker.aggregate import CLASSES, SlideScore
+from worker.membrane import CellTable
 
 #: Colour per class: 0 blue, 1+ yellow, 2+ orange, 3+ red.
 CLASS_COLOURS = np.array([(60, 110, 220), (240, 220, 40), (245, 140, 20), (215, 30, 30)], np.float32)
@@ -54,4 +55,42 @@ def _with_legend(image: Image.Image, score: SlideScore) -> Image.Image:
 
 def write_overlay(thumbnail: np.ndarray, score: SlideScore, level_px_per_thumb_px: float, path: Path) -> Path:
     overlay_image(thumbnail, score, level_px_per_thumb_px).save(path)
+    return path
+
+
+#: Non-tumour cells (left out by the tumour rule) in the cell field.
+OTHER_CELL_COLOUR = (150, 150, 150)
+
+
+def cell_field_image(rgb: np.ndarray, cells: CellTable, radius: int = 6) -> Image.Image:
+    """One graded field with a ring per detected cell, coloured by its membrane class, and a legend.
+
+    Tumour cells get their class colour (:data:`CLASS_COLOURS`, as in the
+    thumbnail overlay); cells left out by the tumour rule a small grey dot.
+    """
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(image)
+    for (x, y), tumour, cls in zip(cells.centroids, cells.tumour, cells.cell_class):
+        if tumour:
+            colour = tuple(int(v) for v in CLASS_COLOURS[cls])
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour, width=3)
+        else:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=OTHER_CELL_COLOUR)
+    counts = [int(np.count_nonzero(cells.tumour & (cells.cell_class == k))) for k in range(len(CLASSES))]
+    legend_h = 22 * (len(CLASSES) + 2)
+    canvas = Image.new("RGB", (max(image.width, 320), image.height + legend_h), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = image.height + 4
+    draw.text((6, y), "Membrane grader, one field: tumour cells by class (research use only, not for clinical use)",
+              fill="black")
+    for k, name in enumerate(CLASSES):
+        y += 22
+        draw.ellipse((6, y, 20, y + 14), outline=tuple(int(v) for v in CLASS_COLOURS[k]), width=3)
+        draw.text((30, y), f"{name}: {counts[k]} tumour cells", fill="black")
+    return canvas
+
+
+def write_cell_field(rgb: np.ndarray, cells: CellTable, path: Path) -> Path:
+    cell_field_image(rgb, cells).save(path)
     return path

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -25,18 +25,23 @@ from pydicom import Dataset
 from threadpoolctl import threadpool_limits
 
 from dicom_io.errors import SlideError
-from dicom_io.results import AlgorithmInfo, build_heatmap, build_sr
-from dicom_io.wsi import SourceIdentity, open_slide
-from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_call, class_percentages
+from dicom_io.cell_annotations import build_cell_annotations
+from dicom_io.results import AlgorithmInfo, GraderResult, build_heatmap, build_sr
+from dicom_io.wsi import LevelInfo, Slide, SourceIdentity, open_slide
+from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_call, category_distance, class_percentages
+from worker.cell_grading import MEMBRANE_GRADER, CellGrading, grade_membranes, membrane_grader_version
 from worker.inference import TileModel
-from worker.overlay import write_overlay
+from worker.overlay import write_cell_field, write_overlay
 from worker.settings import Settings
+from worker.preprocessing.tissue import glass_colour
 from worker.quality import QualityReport, check_graded, check_slide
 from worker.tiles import PreparedSlide, prepare_slide, sharpness_sample, survey_slide, tile_batches
 
 log = logging.getLogger(__name__)
 
 NOT_FOR_CLINICAL_USE = "Research use only - not for clinical use (not validated on real slides)."
+#: File name of each result object in an output folder, by Modality.
+RESULT_FILES = {"SR": "her2_sr.dcm", "SEG": "her2_heatmap_seg.dcm", "ANN": "her2_cells_ann.dcm"}
 #: More undecodable tiles than this share of the tissue tiles fails the slide instead of flagging it.
 MAX_CORRUPT_SHARE = 0.05
 
@@ -50,13 +55,21 @@ def software_version() -> str:
 
 @dataclass
 class ScoringResult:
-    """What one job produced: the score, the identity it belongs to, result objects and files."""
+    """What one job produced: the score, the identity it belongs to, result objects and files.
+
+    ``score.call`` is the slide call, made by the grader ``decided_by`` ("cnn", "membrane"; None: not
+    assessable); ``cnn_call`` is the CNN tile grader's own call and ``cells`` the membrane grader's result
+    (None when it did not run).
+    """
 
     score: SlideScore
     source: SourceIdentity
     datasets: list[Dataset]
     files: list[Path] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
+    cnn_call: SlideCall = SlideCall.NOT_ASSESSABLE
+    cells: CellGrading | None = None
+    decided_by: str | None = None
 
 
 @lru_cache(maxsize=1)
@@ -84,6 +97,7 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
     """Score the slide in ``series_dir``; write results to ``out_dir`` when given."""
     started = time.perf_counter()
     single_threaded_blas()
+    cells: CellGrading | None = None
     with open_slide(series_dir) as slide:
         model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
                            settings.white_fraction_max, settings.precision)
@@ -92,20 +106,25 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
         level = prepared.level
         quality = check_slide(survey.thumbnail, survey.mask, prepared.normaliser, settings)
         if quality.not_assessable:
-            score, stats = not_assessable(prepared.grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
+            tiles, stats = not_assessable(prepared.grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
         else:
-            score, stats = grade_tiles(prepared, model, settings, quality, progress)
-        level_ds = slide.level_dataset(level.index)
-        algorithm = AlgorithmInfo(name=model.card.name, version=model.card.version,
-                                  software_version=software_version())
-        datasets = [build_sr(slide.source_datasets, level_ds, score, algorithm)]
-        if score.scored.any():
-            datasets.append(build_heatmap(slide.source_datasets, level_ds, score, algorithm))
+            tiles, sharpness, stats = grade_tiles(prepared, model, settings, progress)
+            if settings.membrane_grader:
+                cells = grade_membranes(slide, prepared, settings.membrane_thresholds(), settings.membrane_max_fields,
+                                        settings.decode_threads, glass_colour(survey.thumbnail, survey.mask),
+                                        settings.evidence_floor_percent)
+            check_graded(quality, sharpness, tiles.tumour_area_mm2,
+                         None if cells is None else sum(cells.summary.counts.values()), settings)
+            stats.update(cell_stats(cells))
+        score, decided_by = conclude(tiles, cells, quality, prepared.normaliser.notes, stats.get("tiles_corrupt", 0),
+                                     settings)
+        datasets = result_objects(slide, level, score, tiles, cells, decided_by, model, settings)
         source = slide.identity
     stats["seconds"] = time.perf_counter() - started
     stats.update(prepared.tiles.summary())
     stats.update({f"qc_{k}": v for k, v in quality.measures.items()})
-    result = ScoringResult(score=score, source=source, datasets=datasets, stats=stats)
+    result = ScoringResult(score=score, source=source, datasets=datasets, stats=stats, cnn_call=tiles.call,
+                           cells=cells, decided_by=decided_by)
     if out_dir is not None:
         result.files = write_outputs(result, survey.thumbnail, survey.thumbnail_mpp / level.mpp, Path(out_dir), model)
     log.info("scored series %s: %s in %.1f s (%d tiles)", source.series_instance_uid, score.call.value,
@@ -113,11 +132,39 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
     return result
 
 
-def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings, quality: QualityReport,
-                progress: Callable[[int, int], None] | None = None) -> tuple[SlideScore, dict[str, float]]:
-    """Grade the slide's tissue tiles batch by batch and aggregate them to a :class:`SlideScore`.
+def result_objects(slide: Slide, level: LevelInfo, score: SlideScore, tiles: SlideScore, cells: CellGrading | None,
+                   decided_by: str | None, model: TileModel, settings: Settings) -> list[Dataset]:
+    """SR, SEG heatmap (tiles graded) and cell ANN (cells graded): the SR lists both graders and references the rest.
 
-    Completes ``quality`` with the checks that need graded tiles (blur, tumour amount).
+    ``decided_by`` names the grader whose call is the slide call ("cnn", "membrane"; None: not assessable).
+    """
+    level_ds = slide.level_dataset(level.index)
+    cnn = AlgorithmInfo(name=model.card.name, version=model.card.version, software_version=software_version())
+    graders = [GraderResult(algorithm=cnn, call=tiles.call, percentages=tiles.percentages, basis="tumour area")]
+    evidence: list[Dataset] = []
+    if score.scored.any():
+        evidence.append(build_heatmap(slide.source_datasets, level_ds, score, cnn))
+    if cells is not None:
+        membrane = AlgorithmInfo(name=MEMBRANE_GRADER, version=membrane_grader_version(settings.membrane_thresholds()),
+                                 software_version=software_version())
+        s = cells.summary
+        graders.append(GraderResult(algorithm=membrane, call=cells.call, percentages=s.percentages,
+                                    basis="tumour cells", cell_counts=s.counts, connectivity=s.connectivity))
+        if len(cells.classes):
+            evidence.append(build_cell_annotations(slide.source_datasets, slide.level_dataset(cells.level.index),
+                                                   cells.centroids, cells.classes, membrane))
+    if tiles.call is SlideCall.NOT_ASSESSABLE:  # quality control stopped the slide before any grading
+        graders = []
+    deciding = {"cnn": 0, "membrane": 1}.get(decided_by) if graders else None
+    sr = build_sr(slide.source_datasets, level_ds, score, cnn, graders, deciding, evidence)
+    return [sr, *evidence]
+
+
+def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings,
+                progress: Callable[[int, int], None] | None = None) -> tuple[SlideScore, np.ndarray, dict[str, float]]:
+    """Grade the slide's tissue tiles with the CNN batch by batch and aggregate them to a :class:`SlideScore`.
+
+    Also returns the sharpness of the sampled tiles (for blur QC) and the tile counts.
     """
     grid = prepared.grid
     probabilities = np.full((grid.rows, grid.cols, len(CLASSES)), np.nan, np.float32)
@@ -145,18 +192,54 @@ def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings, q
     if corrupt > MAX_CORRUPT_SHARE * max(1, len(prepared.candidates)):
         raise SlideError(f"{corrupt} of {len(prepared.candidates)} tissue tiles could not be decoded: slide is corrupt")
     score = aggregate(grid, probabilities, tumour, scored, settings.evidence_floor_percent)
-    check_graded(quality, np.concatenate(tile_sharpness) if tile_sharpness else np.zeros(0), score.tumour_area_mm2,
-                 settings)
-    if quality.not_assessable:
-        score = not_assessable(grid, quality, probabilities, tumour, scored)  # its flags include the QC flags
-    else:
-        score.flags.extend(quality.flags)
-    if corrupt:
-        score.flags.append(f"{corrupt} corrupt tile(s) skipped")
-    score.flags.extend(prepared.normaliser.notes)
     stats = {"tiles_candidate": len(prepared.candidates), "tiles_scored": int(scored.sum()),
              "tiles_corrupt": corrupt, "infer_seconds": infer_seconds}
-    return score, stats
+    return score, np.concatenate(tile_sharpness) if tile_sharpness else np.zeros(0), stats
+
+
+def conclude(tiles: SlideScore, cells: CellGrading | None, quality: QualityReport, stain_notes: list[str],
+             corrupt: int, settings: Settings) -> tuple[SlideScore, str | None]:
+    """The slide's score and which grader made its call ("cnn", "membrane"; None when not assessable).
+
+    The call is the deciding grader's (``settings.grader``), or not assessable, with every flag.
+
+    The membrane grader decides when ``settings.grader`` is "membrane" and it
+    graded tumour cells; otherwise the CNN's call stands, and the flags say why.
+    A difference of more than one category between the two graders is flagged
+    for review (0 and ultralow count as one category).
+    """
+    decided_by = None
+    if quality.not_assessable:
+        score = not_assessable(tiles.grid, quality, tiles.probabilities, tiles.tumour_fraction, tiles.scored)
+    else:
+        decided_by = "cnn"
+        score = replace(tiles, flags=tiles.flags + quality.flags)
+        if cells is None and settings.membrane_grader:
+            score.flags.append("membrane grader not run: no pyramid level at 0.25-0.5 um/px (a 10x-only scan); "
+                               "the CNN made the call")
+        elif cells is not None and cells.call is SlideCall.NOT_ASSESSABLE:
+            score.flags.append("membrane grader found no tumour cells; the CNN made the call")
+        elif cells is not None:
+            if category_distance(cells.call, tiles.call) > 1:
+                score.flags.append(f"graders disagree by more than one category: membrane {cells.call.value}, "
+                                   f"CNN {tiles.call.value}: review")
+            if settings.grader == "membrane":
+                score.call, decided_by = cells.call, "membrane"
+        if score.call.reflex_ish:
+            score.flags.append("HER2 2+ (equivocal): reflex in-situ hybridisation (ISH) recommended")
+    if corrupt:
+        score.flags.append(f"{corrupt} corrupt tile(s) skipped")
+    score.flags.extend(stain_notes)
+    return score, decided_by
+
+
+def cell_stats(cells: CellGrading | None) -> dict[str, float]:
+    """The membrane grader's counts and cost for the summary's ``stats``."""
+    if cells is None:
+        return {}
+    return {"membrane_fields": cells.fields, "membrane_seconds": cells.seconds, "membrane_mpp": cells.level.mpp,
+            "membrane_tumour_cells": sum(cells.summary.counts.values()),
+            "membrane_other_cells": cells.summary.non_tumour}
 
 
 def not_assessable(grid: TileGrid, quality: QualityReport, probabilities: np.ndarray | None = None,
@@ -180,21 +263,21 @@ def aggregate(grid: TileGrid, probabilities: np.ndarray, tumour: np.ndarray, sco
     """Tumour-area weighted class percentages and the ASCO/CAP slide call (no tumour: quality control decides)."""
     flags: list[str] = [NOT_FOR_CLINICAL_USE]
     pct = class_percentages(probabilities[scored], tumour[scored])
-    call = asco_cap_call(pct, evidence_floor)
-    if call.reflex_ish:
-        flags.append("HER2 2+ (equivocal): reflex in-situ hybridisation (ISH) recommended")
-    return SlideScore(call=call, percentages=pct, grid=grid, probabilities=probabilities, tumour_fraction=tumour,
-                      scored=scored, flags=flags)
+    return SlideScore(call=asco_cap_call(pct, evidence_floor), percentages=pct, grid=grid,
+                      probabilities=probabilities, tumour_fraction=tumour, scored=scored, flags=flags)
 
 
 def write_outputs(result: ScoringResult, thumbnail: np.ndarray, thumb_scale: float, out_dir: Path,
                   model: TileModel) -> list[Path]:
-    """Write SR, SEG, overlay PNG and a JSON summary into ``out_dir``."""
+    """Write SR, SEG, overlay PNGs and a JSON summary into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [out_dir / name for name in ("her2_sr.dcm", "her2_heatmap_seg.dcm")[: len(result.datasets)]]
+    files = [out_dir / RESULT_FILES[ds.Modality] for ds in result.datasets]
     for ds, path in zip(result.datasets, files):
         ds.save_as(path, enforce_file_format=True)
     files.append(write_overlay(thumbnail, result.score, thumb_scale, out_dir / "her2_overlay.png"))
+    cells = result.cells
+    if cells is not None and cells.example is not None:
+        files.append(write_cell_field(*cells.example, out_dir / "her2_cells.png"))
     summary = {
         "series_instance_uid": result.source.series_instance_uid,
         "call": result.score.call.value,
@@ -202,6 +285,8 @@ def write_outputs(result: ScoringResult, thumbnail: np.ndarray, thumb_scale: flo
         "percentages": result.score.percentages,
         "tumour_area_mm2": result.score.tumour_area_mm2,
         "flags": result.score.flags,
+        "decided_by": result.decided_by,
+        "graders": grader_summary(result),
         "model": {"name": model.card.name, "version": model.card.version, "provider": model.provider,
                   "precision": model.precision},
         "stats": result.stats,
@@ -210,3 +295,16 @@ def write_outputs(result: ScoringResult, thumbnail: np.ndarray, thumb_scale: flo
     files.append(out_dir / "summary.json")
     files[-1].write_text(json.dumps(summary, indent=1))
     return files
+
+
+def grader_summary(result: ScoringResult) -> dict[str, dict]:
+    """Each grader's own call and percentages (tumour area for the CNN, tumour cells for the membrane grader)."""
+    out: dict[str, dict] = {"cnn": {"call": result.cnn_call.value, "percentages_of": "tumour area",
+                                    "percentages": result.score.percentages}}
+    if result.cells is not None:
+        s = result.cells.summary
+        out["membrane"] = {"call": result.cells.call.value, "percentages_of": "tumour cells",
+                           "percentages": s.percentages, "tumour_cells": s.counts, "other_cells": s.non_tumour,
+                           "connectivity": s.connectivity, "mpp": result.cells.level.mpp,
+                           "fields": result.cells.fields}
+    return out

@@ -9,8 +9,9 @@ the synthetic QC cases in ``tests/test_quality.py``; not validated on real slide
   the total stain above ``qc_eosin_share_max`` (0.15) makes the slide **not
   assessable**. Synthetic HER2 IHC slides measure <= 0.09, the real
   Camelyon H&E slide 0.23, synthetic H&E 0.47.
-* **Too little tumour**: less than ``qc_min_tumour_mm2`` of tumour area graded
-  -> **not assessable**.
+* **Too little tumour**: fewer than ``qc_min_tumour_cells`` tumour cells graded
+  by the membrane grader (when it ran), else less than ``qc_min_tumour_mm2`` of
+  tumour area graded by the CNN -> **not assessable**.
 * **Pen marks**: share of tissue-mask pixels coloured like green/cyan marker ink
   (G exceeds R by > 30 levels, which neither haematoxylin nor DAB produce) above
   ``qc_pen_share_max`` -> flag.
@@ -108,14 +109,24 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormal
     return report
 
 
-def check_graded(report: QualityReport, tile_sharpness: np.ndarray, tumour_area_mm2: float, settings) -> None:
-    """Checks that need the graded tiles: blur and the amount of tumour."""
+def check_graded(report: QualityReport, tile_sharpness: np.ndarray, tumour_area_mm2: float, tumour_cells: int | None,
+                 settings) -> None:
+    """Checks that need the graded tiles: blur and the amount of tumour.
+
+    The amount of tumour is the membrane grader's tumour-cell count when it
+    ran (``tumour_cells``; ASCO/CAP scores cells), else the CNN's tumour area.
+    """
     report.measures["tumour_area_mm2"] = tumour_area_mm2
     if tile_sharpness.size:
         report.measures["sharpness"] = float(np.median(tile_sharpness))
         if report.measures["sharpness"] < settings.qc_sharpness_min:
             report.flags.append(f"QC: out of focus (sharpness {report.measures['sharpness']:.1f} < "
                                 f"{settings.qc_sharpness_min})")
-    if tumour_area_mm2 < settings.qc_min_tumour_mm2:
+    if tumour_cells is not None:
+        report.measures["tumour_cells"] = tumour_cells
+        if tumour_cells < settings.qc_min_tumour_cells:
+            report.not_assessable.append(
+                f"too little tumour: {tumour_cells} tumour cells graded < {settings.qc_min_tumour_cells}")
+    elif tumour_area_mm2 < settings.qc_min_tumour_mm2:
         report.not_assessable.append(
             f"too little tumour: {tumour_area_mm2:.2f} mm2 graded < {settings.qc_min_tumour_mm2} mm2")

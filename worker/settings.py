@@ -10,15 +10,19 @@ documentation.
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from worker.membrane import MembraneThresholds
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACKAGE_DIR / "models" / "her2_default.onnx"
@@ -48,10 +52,29 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         le=10,
-        description="Class areas below this percentage of tumour are treated as absent when applying the "
-        "ASCO/CAP rules (guards the call against isolated tile misgrades; not part of ASCO/CAP).",
+        description="Classes holding no more than this percentage of the tumour (area for the CNN, cells for the "
+        "membrane grader) are treated as absent when applying the ASCO/CAP rules (guards the call against isolated "
+        "misgraded tiles or cells; not part of ASCO/CAP).",
     )
     output_dir: Path = Field(Path("out"), description="Where the CLI writes result DICOM files and overlays.")
+
+    # --- membrane (cell) grader (see worker/membrane.py and worker/cell_grading.py) ----
+    grader: Literal["membrane", "cnn"] = Field(
+        "membrane", description="Which grader makes the slide call: the cell-level membrane grader (ASCO/CAP's "
+        "per-tumour-cell definition; needs a 0.25-0.5 um/px level, else the CNN decides) or the CNN tile grader. "
+        "Both run and both are reported.")
+    membrane_grader: bool = Field(
+        True, description="Run the membrane grader (off: the CNN alone, no fine-level reads).")
+    membrane_max_fields: int = Field(
+        200, ge=1, description="At most this many 1024 px fields (256 um at 0.25 um/px) spread over the tissue are "
+        "graded cell by cell: bounds the grader's time on large sections.")
+    membrane_cutoffs: dict[str, float] = Field(
+        default_factory=dict, description="Overrides of the membrane grader's cut-offs (worker.membrane."
+        "MembraneThresholds: optical density and um; defaults and their provenance are documented there), e.g. "
+        "{\"moderate_min\": 0.3}; as an environment variable, JSON.")
+    qc_min_tumour_cells: int = Field(
+        200, ge=1, description="Fewer tumour cells graded by the membrane grader than this is not assessable (our "
+        "choice: ASCO/CAP sets no minimum).")
 
     # --- quality control (see worker/quality.py for how each is measured) ----
     qc_eosin_share_max: float = Field(
@@ -131,6 +154,23 @@ class Settings(BaseSettings):
     state_dir: Path = Field(
         Path("state"), description="Job status and claims in embedded mode (`her2 serve --embedded`, no Redis)."
     )
+
+    def membrane_thresholds(self) -> MembraneThresholds:
+        """The membrane grader's cut-offs: its documented defaults with ``membrane_cutoffs`` applied."""
+        from worker.membrane import MembraneThresholds  # scipy/scikit-image: not for the listener's import
+
+        return replace(MembraneThresholds(), **self.membrane_cutoffs)
+
+    @field_validator("membrane_cutoffs")
+    @classmethod
+    def _known_cutoffs(cls, value: dict[str, float]) -> dict[str, float]:
+        from worker.membrane import MembraneThresholds
+
+        known = {f.name for f in fields(MembraneThresholds) if f.type in ("float", "int")}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown membrane cut-off(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return value
 
     @property
     def visibility_timeout(self) -> int:

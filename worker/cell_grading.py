@@ -1,0 +1,156 @@
+"""The membrane grader over a whole slide: fine fields under the tissue tiles -> cells -> slide summary.
+
+ASCO/CAP defines the HER2 IHC score per invasive tumour **cell** (the share
+of tumour cells with complete or incomplete, faint / weak-moderate / intense
+membrane staining). Membranes are about 1-2 um wide, so cells are graded on
+fields read at :data:`FIELD_MPP_RANGE` (0.25-0.5 um/px, a 40x or 20x level),
+never at the CNN's 1 um/px. :func:`grade_membranes` reads only fields that lie
+under the tissue tiles the CNN's tile grid already found, at most
+``max_fields`` of them spread evenly over the slide (a bounded cost per slide,
+as a pathologist scores representative fields of a large section), grades
+their cells with :func:`worker.membrane.grade_cells` in a thread pool, and
+sums them up with :func:`worker.membrane.summarise_cells`. The slide call is
+the ASCO/CAP rules of :mod:`worker.aggregate` applied to the **cell**
+percentages.
+
+A slide without a level fine enough (a 10x-only scan) is not graded here: the
+pipeline says so in a flag and the CNN's call stands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dicom_io.errors import CorruptTileError
+from dicom_io.wsi import LevelInfo, Slide
+from worker.aggregate import SlideCall, asco_cap_call
+from worker.membrane import CellTable, MembraneSummary, MembraneThresholds, grade_cells, summarise_cells
+from worker.preprocessing import white_fraction
+from worker.tiles import PreparedSlide, Position, spread_indices
+
+#: Pixel spacings (um) at which membranes are graded: a ~1.7-2 um wide membrane spans 4-8 pixels.
+FIELD_MPP_RANGE = (0.25, 0.5)
+#: Side of one graded field in pixels (256 um at 0.25 um/px).
+FIELD_PX = 1024
+#: Name of the membrane grader in result objects (Algorithm Name, TID 4019).
+MEMBRANE_GRADER = "her2-membrane-grader"
+#: Its version; a change of method changes it, and with it the result UIDs.
+MEMBRANE_GRADER_VERSION = "1.0"
+#: Fields whiter than this (glass, lumen) hold too few cells to be worth grading.
+FIELD_WHITE_MAX = 0.8
+
+
+@dataclass
+class CellGrading:
+    """The membrane grader's result for one slide.
+
+    ``centroids`` are the graded **tumour** cells' nucleus centres in pixels
+    (column, row) of pyramid level ``level`` (the level the fields were read
+    from), ``classes`` their index into :data:`worker.aggregate.CLASSES`.
+    ``example`` is the graded field with the most tumour cells, its RGB
+    pixels and cells, for the overlay a pathologist checks.
+    """
+
+    summary: MembraneSummary
+    call: SlideCall
+    level: LevelInfo
+    centroids: np.ndarray
+    classes: np.ndarray
+    fields: int
+    seconds: float
+    example: tuple[np.ndarray, CellTable] | None
+
+
+def membrane_grader_version(thresholds: MembraneThresholds) -> str:
+    """:data:`MEMBRANE_GRADER_VERSION`, with a digest of the cut-offs when they are not the defaults.
+
+    Other cut-offs grade differently, so their results must not share the
+    default's UIDs (a retried job re-sends the same objects; other content
+    needs other objects).
+    """
+    if thresholds == MembraneThresholds():
+        return MEMBRANE_GRADER_VERSION
+    digest = hashlib.sha256(repr(sorted(asdict(thresholds).items())).encode()).hexdigest()[:8]
+    return f"{MEMBRANE_GRADER_VERSION}+{digest}"
+
+
+def membrane_level(slide: Slide) -> LevelInfo | None:
+    """The coarsest pyramid level within :data:`FIELD_MPP_RANGE` (fewest pixels to read), or None."""
+    low, high = FIELD_MPP_RANGE
+    fitting = [lvl for lvl in slide.levels if low * 0.85 <= lvl.mpp <= high * 1.15]
+    return max(fitting, key=lambda lvl: lvl.mpp) if fitting else None
+
+
+def field_positions(prepared: PreparedSlide, level: LevelInfo, max_fields: int) -> list[Position]:
+    """Fields (row, col) of :data:`FIELD_PX` on ``level`` under the prepared slide's tissue tiles, spread evenly.
+
+    A field belongs to the tissue tile under its centre, so every field is
+    inside tissue the tile grid found and no field is counted twice.
+    """
+    grid = prepared.grid
+    tile_um = grid.tile_size * grid.pixel_spacing_mm[1] * 1000.0
+    field_um = FIELD_PX * level.mpp
+    tissue = set(prepared.candidates)
+    rows, cols = -(-level.height // FIELD_PX), -(-level.width // FIELD_PX)
+    fields = [(r, c) for r in range(rows) for c in range(cols)
+              if (int((r + 0.5) * field_um // tile_um), int((c + 0.5) * field_um // tile_um)) in tissue]
+    return [fields[i] for i in spread_indices(len(fields), max_fields)]
+
+
+def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneThresholds, max_fields: int,
+                    threads: int, glass: tuple[float, float, float] | None,
+                    evidence_floor: float) -> CellGrading | None:
+    """Grade tumour cells on fine fields under the slide's tissue tiles; None without a fine enough level.
+
+    The slide call applies ASCO/CAP to the cell percentages with the same
+    ``evidence_floor`` as the CNN's area percentages: a class held by no more
+    than that percentage of tumour cells counts as absent (without it one
+    intense cell among thousands would make a slide 2+).
+    """
+    level = membrane_level(slide)
+    if level is None:
+        return None
+    started = time.perf_counter()
+    read = slide.tile_reader(level, FIELD_PX)
+    stains = prepared.normaliser.source_matrix
+
+    def grade(pos: Position) -> tuple[Position, np.ndarray, CellTable] | None:
+        try:
+            rgb = read(*pos)
+        except CorruptTileError:
+            return None
+        if white_fraction(rgb) > FIELD_WHITE_MAX:
+            return None
+        return pos, rgb, grade_cells(rgb, level.mpp, stains, thresholds, glass=glass)
+
+    positions = field_positions(prepared, level, max_fields)
+    tables: list[CellTable] = []
+    centroids: list[np.ndarray] = []
+    classes: list[np.ndarray] = []
+    example: tuple[np.ndarray, CellTable] | None = None
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for graded in pool.map(grade, positions):
+            if graded is None:
+                continue
+            (row, col), rgb, table = graded
+            tables.append(table)
+            centroids.append(table.centroids[table.tumour] + np.array([col, row], np.float32) * FIELD_PX)
+            classes.append(table.cell_class[table.tumour])
+            if example is None or table.tumour.sum() > example[1].tumour.sum():
+                example = (rgb, table)
+    summary = summarise_cells(tables)
+    return CellGrading(
+        summary=summary,
+        call=asco_cap_call(summary.percentages, evidence_floor) if sum(summary.counts.values()) else SlideCall.NOT_ASSESSABLE,
+        level=level,
+        centroids=np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32),
+        classes=np.concatenate(classes) if classes else np.zeros(0, np.int8),
+        fields=len(tables),
+        seconds=time.perf_counter() - started,
+        example=example,
+    )
