@@ -966,7 +966,7 @@ def build_heatmap(
         software_versions=algorithm.software_version,
         device_serial_number=algorithm.version,
         content_label=HEATMAP_CONTENT_LABEL,
-        content_description=f"HER2 IHC tile class probabilities ({NOT_FOR_CLINICAL_USE})"[:64],
+        content_description=f"HER2 heatmap - {NOT_FOR_CLINICAL_USE}",  # LO: at most 64 characters
         series_description=SEG_SERIES_DESCRIPTION,
         pixel_measures=hd.PixelMeasuresSequence(
             pixel_spacing=(grid.tile_size * row_spacing, grid.tile_size * col_spacing),

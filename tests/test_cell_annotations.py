@@ -155,6 +155,7 @@ def test_identity_references_and_uids(slide, ann):
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == level.SeriesInstanceUID
     assert ds.SeriesNumber == ANN_SERIES_NUMBER
     assert "not for clinical use" in ds.SeriesDescription.lower()
+    assert ds.ContentDescription.endswith("not for clinical use")
     uids = result_uids(level.SeriesInstanceUID, [d.SOPInstanceUID for d in slide], GRADER.name, GRADER.version)
     assert (ds.SeriesInstanceUID, ds.SOPInstanceUID) == (uids.ann_series, uids.ann)
     assert ds.SeriesInstanceUID not in (level.SeriesInstanceUID, uids.sr_series, uids.seg_series)

@@ -413,6 +413,7 @@ def test_heatmap_geometry(source, level, heatmap):
     assert ds.SeriesInstanceUID == uids.seg_series and ds.SOPInstanceUID == uids.seg
     assert ds.SeriesInstanceUID not in (SERIES_UID, uids.sr_series)
     assert "not for clinical use" in ds.SeriesDescription.lower()
+    assert ds.ContentDescription.endswith("not for clinical use")  # whole, not cut at 64 characters
 
 
 def test_heatmap_probabilities_read_back(heatmap):
