@@ -315,6 +315,51 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     return Rendered(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), membrane, cls)
 
 
+@dataclass(frozen=True)
+class RegionCells:
+    """The tumour-lattice cells whose centres lie in a region, as :func:`render_region` draws them.
+
+    ``centres_um`` (N, 2) is (x, y) in slide micrometres; ``tumour`` marks cells
+    drawn (centre in a tumour nest); ``cls`` is the HER2 class index into
+    ``CLASSES`` (-1 outside tumour); ``stained_fraction`` is the share of the
+    circumference drawn with DAB (0 for class 0, 1.0 for complete) and
+    ``dab`` the membrane DAB concentration.
+    """
+
+    centres_um: np.ndarray
+    tumour: np.ndarray
+    cls: np.ndarray
+    stained_fraction: np.ndarray
+    dab: np.ndarray
+
+
+def region_cells(spec: SlideSpec, x_um: float, y_um: float, width_um: float, height_um: float) -> RegionCells:
+    """Ground truth per cell for the region whose top-left corner is (x_um, y_um): what a cell grader is scored on.
+
+    Reuses the lattice and per-cell random values of :func:`render_region`
+    (cell centres of :func:`_nearest_two` with salt 11, staining draws 31/32),
+    so it cannot drift from what is drawn.
+    """
+    s = CELL_SPACING_UM
+    i, j = np.meshgrid(np.arange(np.floor(x_um / s) - 1, np.ceil((x_um + width_um) / s) + 1, dtype=np.int64),
+                       np.arange(np.floor(y_um / s) - 1, np.ceil((y_um + height_um) / s) + 1, dtype=np.int64))
+    i, j = i.ravel(), j.ravel()
+    cx = (i + 0.15 + 0.7 * _hash01(spec.seed, i, j, 11)) * s
+    cy = (j + 0.15 + 0.7 * _hash01(spec.seed, i, j, 12)) * s
+    inside = (cx >= x_um) & (cx < x_um + width_um) & (cy >= y_um) & (cy < y_um + height_um)
+    i, j, cx, cy = i[inside], j[inside], cx[inside], cy[inside]
+    _, tumour, cls = spec.layout.labels(cx, cy)
+    frac = np.zeros(len(cx))
+    dab = np.zeros(len(cx))
+    for k, name in enumerate(CLASSES):
+        (c_lo, c_hi), (f_lo, f_hi), _ = STAINING[name]
+        here = cls == k
+        if c_hi > 0:
+            dab[here] = (c_lo + (c_hi - c_lo) * _hash01(spec.seed, i, j, 31))[here]
+            frac[here] = (f_lo + (f_hi - f_lo) * _hash01(spec.seed, i, j, 32))[here]
+    return RegionCells(np.column_stack([cx, cy]), tumour, cls, frac, dab)
+
+
 def render_thumbnail(spec: SlideSpec, mpp: float = THUMBNAIL_MPP, supersample: int = 4) -> np.ndarray:
     """The whole slide at ``mpp`` um/px, area-averaged from a ``supersample``-times finer render."""
     fine = mpp / supersample
