@@ -58,7 +58,9 @@ def test_result_objects_read_back(scored, slides):
             for inst in series.ReferencedSOPSequence
         }
         source_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in slides[name].glob("*.dcm")}
-        assert referenced and referenced <= source_uids
+        evidence = {ds.SOPInstanceUID for ds in result.datasets if ds is not result.datasets[0]}  # SEG (and ANN)
+        assert seg.SOPInstanceUID in evidence
+        assert referenced - evidence and referenced - evidence <= source_uids
         assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
         grid = result.score.grid
         assert (seg.TotalPixelMatrixRows, seg.TotalPixelMatrixColumns) == (grid.rows, grid.cols)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
 from dicom_io.errors import CorruptTileError
-from dicom_io.wsi import LevelInfo, Slide
+from dicom_io.wsi import LevelInfo, Slide, TileSource
 from worker.aggregate import SlideCall, asco_cap_call
 from worker.membrane import CellTable, MembraneSummary, MembraneThresholds, grade_cells, summarise_cells
 from worker.preprocessing import white_fraction
@@ -50,8 +50,10 @@ class CellGrading:
     """The membrane grader's result for one slide.
 
     ``centroids`` are the graded **tumour** cells' nucleus centres in pixels
-    (column, row) of pyramid level ``level`` (the level the fields were read
-    from), ``classes`` their index into :data:`worker.aggregate.CLASSES`.
+    (column, row) of ``level``, the level the fields were read at (a
+    resampled one when the pyramid has none at 0.25-0.5 um/px), ``classes`` their index into
+    :data:`worker.aggregate.CLASSES`, ``completeness`` and ``intensity`` their membranes'
+    (:class:`worker.membrane.CellTable`).
     ``example`` is the graded field with the most tumour cells, its RGB
     pixels and cells, for the overlay a pathologist checks.
     """
@@ -61,6 +63,8 @@ class CellGrading:
     level: LevelInfo
     centroids: np.ndarray
     classes: np.ndarray
+    completeness: np.ndarray
+    intensity: np.ndarray
     fields: int
     seconds: float
     example: tuple[np.ndarray, CellTable] | None
@@ -79,11 +83,18 @@ def membrane_grader_version(thresholds: MembraneThresholds) -> str:
     return f"{MEMBRANE_GRADER_VERSION}+{digest}"
 
 
-def membrane_level(slide: Slide) -> LevelInfo | None:
-    """The coarsest pyramid level within :data:`FIELD_MPP_RANGE` (fewest pixels to read), or None."""
+def membrane_fields(slide: Slide) -> TileSource | None:
+    """Fields of :data:`FIELD_PX` at 0.25-0.5 um/px, or None when the slide has no level that fine.
+
+    The coarsest pyramid level within :data:`FIELD_MPP_RANGE` (fewest pixels
+    to read); without one, the finest end of the range resampled from a finer
+    level (:meth:`dicom_io.wsi.Slide.tile_source`).
+    """
     low, high = FIELD_MPP_RANGE
-    fitting = [lvl for lvl in slide.levels if low * 0.85 <= lvl.mpp <= high * 1.15]
-    return max(fitting, key=lambda lvl: lvl.mpp) if fitting else None
+    if min(lvl.mpp for lvl in slide.levels) > high * 1.15:
+        return None
+    fitting = [lvl.mpp for lvl in slide.levels if low * 0.85 <= lvl.mpp <= high * 1.15]
+    return slide.tile_source(max(fitting) if fitting else high, FIELD_PX)
 
 
 def field_positions(prepared: PreparedSlide, level: LevelInfo, max_fields: int) -> list[Position]:
@@ -112,11 +123,11 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
     than that percentage of tumour cells counts as absent (without it one
     intense cell among thousands would make a slide 2+).
     """
-    level = membrane_level(slide)
-    if level is None:
+    source = membrane_fields(slide)
+    if source is None:
         return None
     started = time.perf_counter()
-    read = slide.tile_reader(level, FIELD_PX)
+    level, read = source.level, source.read
     stains = prepared.normaliser.source_matrix
 
     def grade(pos: Position) -> tuple[Position, np.ndarray, CellTable] | None:
@@ -130,8 +141,7 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
 
     positions = field_positions(prepared, level, max_fields)
     tables: list[CellTable] = []
-    centroids: list[np.ndarray] = []
-    classes: list[np.ndarray] = []
+    tumour: list[CellTable] = []
     example: tuple[np.ndarray, CellTable] | None = None
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for graded in pool.map(grade, positions):
@@ -139,8 +149,9 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
                 continue
             (row, col), rgb, table = graded
             tables.append(table)
-            centroids.append(table.centroids[table.tumour] + np.array([col, row], np.float32) * FIELD_PX)
-            classes.append(table.cell_class[table.tumour])
+            cells = replace(table, **{f.name: getattr(table, f.name)[table.tumour] for f in fields(table)
+                                      if isinstance(getattr(table, f.name), np.ndarray)})
+            tumour.append(replace(cells, centroids=cells.centroids + np.array([col, row], np.float32) * FIELD_PX))
             if example is None or table.tumour.sum() > example[1].tumour.sum():
                 example = (rgb, table)
     summary = summarise_cells(tables)
@@ -148,8 +159,10 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
         summary=summary,
         call=asco_cap_call(summary.percentages, evidence_floor) if sum(summary.counts.values()) else SlideCall.NOT_ASSESSABLE,
         level=level,
-        centroids=np.concatenate(centroids) if centroids else np.zeros((0, 2), np.float32),
-        classes=np.concatenate(classes) if classes else np.zeros(0, np.int8),
+        centroids=np.concatenate([t.centroids for t in tumour]) if tumour else np.zeros((0, 2), np.float32),
+        classes=np.concatenate([t.cell_class for t in tumour]) if tumour else np.zeros(0, np.int8),
+        completeness=np.concatenate([t.completeness for t in tumour]) if tumour else np.zeros(0, np.float32),
+        intensity=np.concatenate([t.intensity for t in tumour]) if tumour else np.zeros(0, np.float32),
         fields=len(tables),
         seconds=time.perf_counter() - started,
         example=example,
