@@ -296,6 +296,8 @@ class Slide:
         ]
         #: Resampled levels made by :meth:`tile_source`, by index (past the pyramid's), with their metadata.
         self._resampled: dict[int, tuple[LevelInfo, Dataset]] = {}
+        #: wsidicom's number of each level (log2 of its downscale, e.g. 0, 2, 4 for 4x steps), which its reads take.
+        self._pyramid_level = [lvl.level for lvl in wsi.levels]
         #: Focal plane (um) and optical path read on each level: the central plane, the brightfield path.
         self._plane = {i: central_plane(lvl.focal_planes) for i, lvl in enumerate(wsi.levels)}
         self._path = brightfield_path(headers.values())
@@ -413,7 +415,7 @@ class Slide:
     def _read(self, level: LevelInfo, x: int, y: int, w: int, h: int) -> Image.Image:
         """RGB region of ``level``; pixel data that cannot be decoded raises :class:`SlideError`."""
         try:
-            return self._wsi.read_region((x, y), level.index, (w, h), z=self._plane[level.index],
+            return self._wsi.read_region((x, y), self._pyramid_level[level.index], (w, h), z=self._plane[level.index],
                                          path=self._path).convert("RGB")
         except MemoryError:
             raise
@@ -436,7 +438,8 @@ class Slide:
 
             def read(row: int, col: int) -> np.ndarray:
                 try:
-                    data = self._wsi.read_encoded_tile(level.index, (col, row), z=self._plane[level.index],
+                    data = self._wsi.read_encoded_tile(self._pyramid_level[level.index], (col, row),
+                                                       z=self._plane[level.index],
                                                        path=self._path, crop_to_image_boundary=False)
                 except MemoryError:
                     raise

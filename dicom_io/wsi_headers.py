@@ -17,6 +17,11 @@ gives each a logged default where one is safe:
   (Slide) (C.8.12.4.1.5) 0\\-1\\0\\-1\\0\\0, the usual scanner orientation;
 - Frame of Reference UID (C.7.4.1): one derived from the Series Instance UID,
   the same for every instance of the series;
+- Type 2 Patient and General Study attributes (C.7.1.1, C.7.2.1) left out
+  entirely: present and empty, as Type 2 allows (result objects copy them);
+- Specimen Description (C.7.6.22): one specimen, identified by the Container
+  Identifier (UNKNOWN when that is missing too), with a UID derived from the
+  Series Instance UID (the SR's specimen context needs one);
 - a level whose Frame of Reference UID differs from the base level's (Google
   wsi2dcm writes one per level) is put in the base level's frame when its
   physical extent and origin agree with the base level's; otherwise it is
@@ -45,6 +50,9 @@ log = logging.getLogger(__name__)
 BASE_IMAGE_TYPE = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
 RESAMPLED_IMAGE_TYPE = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
 DEFAULT_ORIENTATION = [0, -1, 0, -1, 0, 0]
+#: Type 2 attributes of the Patient and General Study Modules that result objects copy from the slide.
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
 
 
 def _size(ds: Dataset) -> int:
@@ -106,12 +114,22 @@ def same_geometry(level: Dataset, base: Dataset) -> bool:
 def _default(path: Path, ds: Dataset, keyword: str, value: object, why: str, changed: dict[Path, list[str]]) -> None:
     setattr(ds, keyword, value)
     changed.setdefault(path, []).append(keyword)
-    log.warning("%s: no %s; %s assumed (%s)", path.name, keyword, value, why)
+    shown = "one item" if isinstance(value, DicomSequence) else repr(value)
+    log.warning("%s: no %s; %s assumed (%s)", path.name, keyword, shown, why)
 
 
 def _origin_item(x: float, y: float) -> DicomSequence:
     item = Dataset()
     item.XOffsetInSlideCoordinateSystem, item.YOffsetInSlideCoordinateSystem = x, y
+    return DicomSequence([item])
+
+
+def _specimen(container: str, series: str) -> DicomSequence:
+    item = Dataset()
+    item.SpecimenIdentifier = container
+    item.SpecimenUID = generate_uid(entropy_srcs=[series, "specimen"])
+    item.IssuerOfTheSpecimenIdentifierSequence = DicomSequence([])
+    item.SpecimenPreparationSequence = DicomSequence([])
     return DicomSequence([item])
 
 
@@ -141,6 +159,13 @@ def fill_defaults(headers: dict[Path, Dataset]) -> dict[Path, list[str]]:
         if not ds.get("FrameOfReferenceUID"):
             _default(path, ds, "FrameOfReferenceUID", frame_of_reference, "derived from the Series Instance UID",
                      changed)
+        for keyword in (k for k in TYPE_2 if k not in ds):
+            _default(path, ds, keyword, "", "Type 2, empty", changed)
+        if "ContainerIdentifier" not in ds:
+            _default(path, ds, "ContainerIdentifier", "UNKNOWN", "not stated", changed)
+        if not ds.get("SpecimenDescriptionSequence"):
+            _default(path, ds, "SpecimenDescriptionSequence", _specimen(ds.ContainerIdentifier, series),
+                     "one specimen in the container", changed)
     _join_frames_of_reference(volumes, base_path, changed)
     return changed
 

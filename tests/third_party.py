@@ -85,13 +85,17 @@ def write_tiff(rgb: np.ndarray, mpp: float, path: Path, tile_size: int = 256,
 def wsidicomize(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int = 256,
                 downsamples: tuple[int, ...] = (1, 2, 4, 8), patient_id: str = "TP-WSIDICOMIZER",
                 patient_name: str = "THIRD^PARTY", study_uid: str | None = None, series_uid: str | None = None,
-                transfer_syntax: str = JPEGBaseline8Bit, quality: int = 90) -> Path:
-    """``rgb`` at ``mpp`` um/px written by wsidicomizer (via a tiled TIFF read by tiffslide) into ``out_dir``."""
+                transfer_syntax: str = JPEGBaseline8Bit, quality: int = 90, subsampling: str = "444") -> Path:
+    """``rgb`` at ``mpp`` um/px written by wsidicomizer (via a tiled TIFF read by tiffslide) into ``out_dir``.
+
+    JPEG baseline frames are encoded at ``quality`` with chroma ``subsampling`` ("444", "422" as our writer, "420").
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     tiff = write_tiff(rgb, mpp, out_dir.parent / f"{out_dir.name}.tiff", tile_size, downsamples)
     args = {"tiff": str(tiff), "out": str(out_dir), "tile_size": tile_size, "patient_id": patient_id,
             "patient_name": patient_name, "study_uid": study_uid or generate_uid(),
-            "series_uid": series_uid or generate_uid(), "transfer_syntax": str(transfer_syntax), "quality": quality}
+            "series_uid": series_uid or generate_uid(), "transfer_syntax": str(transfer_syntax), "quality": quality,
+            "subsampling": subsampling}
     try:
         subprocess.run([str(CONVERT_PYTHON), str(Path(__file__).with_name("wsidicomizer_convert.py")),
                         json.dumps(args)], check=True, capture_output=True, text=True)

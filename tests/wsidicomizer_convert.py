@@ -20,10 +20,10 @@ from wsidicomizer import WsiDicomizer
 from wsidicomizer.sources import TiffSlideSource
 
 
-def encoding(transfer_syntax: str, quality: int) -> Settings:
-    """JPEG baseline at ``quality`` (4:4:4, like our writer), else the transfer syntax's default settings."""
+def encoding(transfer_syntax: str, quality: int, subsampling: str) -> Settings:
+    """JPEG baseline at ``quality`` with ``subsampling`` ("444", "422", "420"), else the syntax's default settings."""
     if transfer_syntax == "1.2.840.10008.1.2.4.50":
-        return JpegSettings(quality=quality, channels=Channels.YBR, subsampling=Subsampling.R444)
+        return JpegSettings(quality=quality, channels=Channels.YBR, subsampling=Subsampling[f"R{subsampling}"])
     return Settings.create(UID(transfer_syntax), 8, "RGB")
 
 
@@ -34,7 +34,7 @@ def main(args: dict) -> None:
     WsiDicomizer.convert(
         args["tiff"], args["out"], metadata_post_processor=identity, tile_size=args["tile_size"],
         include_label=False, include_overview=False, include_thumbnail=False,
-        encoding=encoding(args["transfer_syntax"], args["quality"]), preferred_source=TiffSlideSource,
+        encoding=encoding(args["transfer_syntax"], args["quality"], args["subsampling"]), preferred_source=TiffSlideSource,
         workers=1,
     )
 
