@@ -39,7 +39,7 @@ import highdicom as hd
 import imagecodecs
 import numpy as np
 import pydicom
-from PIL import Image
+from PIL import Image, ImageCms
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage
@@ -301,6 +301,7 @@ class Slide:
         #: Focal plane (um) and optical path read on each level: the central plane, the brightfield path.
         self._plane = {i: central_plane(lvl.focal_planes) for i, lvl in enumerate(wsi.levels)}
         self._path = brightfield_path(headers.values())
+        self._to_srgb = srgb_transform(headers.values(), self._path)
 
     def close(self) -> None:
         self._wsi.close()
@@ -415,8 +416,9 @@ class Slide:
     def _read(self, level: LevelInfo, x: int, y: int, w: int, h: int) -> Image.Image:
         """RGB region of ``level``; pixel data that cannot be decoded raises :class:`SlideError`."""
         try:
-            return self._wsi.read_region((x, y), self._pyramid_level[level.index], (w, h), z=self._plane[level.index],
-                                         path=self._path).convert("RGB")
+            region = self._wsi.read_region((x, y), self._pyramid_level[level.index], (w, h),
+                                           z=self._plane[level.index], path=self._path).convert("RGB")
+            return region if self._to_srgb is None else ImageCms.applyTransform(region, self._to_srgb)
         except MemoryError:
             raise
         except Exception as exc:  # wsidicom and its decoders (Pillow, imagecodecs, pydicom) raise many types
@@ -446,7 +448,10 @@ class Slide:
                 except Exception as exc:  # a damaged frame index or offset table, as wsidicom finds it
                     raise CorruptTileError(f"tile ({col}, {row}) of level {level.index} could not be read "
                                            f"({type(exc).__name__}: {exc})") from exc
-                return whiten_outside(_decode(data, tile_size), level, row, col)
+                tile = _decode(data, tile_size)
+                if self._to_srgb is not None:
+                    tile = np.asarray(ImageCms.applyTransform(Image.fromarray(tile), self._to_srgb))
+                return whiten_outside(tile, level, row, col)
 
             return read
 
@@ -468,6 +473,8 @@ def central_plane(planes: Sequence[float]) -> float:
     return sorted(planes)[len(planes) // 2]
 
 
+#: The colour space tiles are analysed in (:func:`srgb_transform`).
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 #: Illumination Type (PS3.3 C.8.12.5, CID 8123) of brightfield microscopy.
 BRIGHTFIELD = "111744"
 
@@ -490,6 +497,32 @@ def brightfield_path(headers: Iterable[Dataset]) -> str | None:
         raise SlideError(f"no brightfield optical path among {len(paths)} ({', '.join(sorted(paths))}): "
                          "HER2 IHC is read in brightfield")
     return brightfield[0]
+
+
+def srgb_transform(headers: Iterable[Dataset], path: str | None) -> ImageCms.ImageCmsTransform | None:
+    """The colour transform from the slide's ICC Profile (PS3.3 C.8.12.5, optical path ``path``) to sRGB.
+
+    Stain vectors, the white filter and QC thresholds are set on sRGB pixels
+    (our writer's frames), so frames in another colour space are converted
+    before any colour analysis. None when there is no profile (sRGB is then
+    assumed), when it describes itself as sRGB (converting would only round),
+    or when it cannot be parsed (logged: pixels are used as they are).
+    """
+    profile = next((item.ICCProfile for ds in headers for item in ds.get("OpticalPathSequence", [])
+                    if "ICCProfile" in item and (path is None or str(item.get("OpticalPathIdentifier")) == path)), None)
+    if not profile:
+        return None
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(bytes(profile)))
+        description = ImageCms.getProfileDescription(source).strip()
+        if "srgb" in description.lower():
+            return None
+        transform = ImageCms.buildTransform(source, _SRGB, "RGB", "RGB", ImageCms.Intent.PERCEPTUAL)
+    except (ImageCms.PyCMSError, OSError, TypeError, ValueError) as exc:
+        log.warning("ICC profile of the slide could not be read (%s); pixels are taken as sRGB", exc)
+        return None
+    log.info("frames converted from ICC profile %r to sRGB", description)
+    return transform
 
 
 def resampled_dataset(source: Dataset, level: LevelInfo, factor: float) -> Dataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from dicom_io.results import (
     tile_centre_position,
 )
 from dicom_io.wsi import BRIGHTFIELD, brightfield_path, open_slide
-from dicom_io.wsi_writer import SlideIdentity, write_wsi
+from dicom_io.wsi_writer import SRGB_PROFILE, SlideIdentity, write_wsi
 from model_training.synthetic import SlideSpec, render_region
 from tests.conftest import REAL_HER2, REPO
 from tests.third_party import (
@@ -329,3 +330,50 @@ def test_real_he_slide_with_only_a_29um_level_is_refused_in_one_line() -> None:
         score_slide(REPO / "tests" / "data" / "camelyon_he.dcm", load_settings())
     assert str(refused.value).startswith("missing pyramid level: none within 15% of 1 um/px")
     assert str(refused.value).endswith("; none is finer to resample from")
+
+
+def linear_rgb_icc() -> bytes:
+    """A minimal ICC v2 display profile: sRGB primaries (D50-adapted) with linear (gamma 1.0) tone curves."""
+
+    def s15(v: float) -> bytes:
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    text = b"linear RGB (test)\0"
+    tags = {
+        b"desc": b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 12 + b"\0" * 67,
+        b"cprt": b"text\0\0\0\0" + b"none\0",
+        b"wtpt": xyz(0.9642, 1.0, 0.8249),
+        b"rXYZ": xyz(0.4361, 0.2225, 0.0139),
+        b"gXYZ": xyz(0.3851, 0.7169, 0.0971),
+        b"bXYZ": xyz(0.1431, 0.0606, 0.7141),
+        **{t: b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0100) for t in (b"rTRC", b"gTRC", b"bTRC")},
+    }
+    table, data, offset = b"", b"", 128 + 4 + 12 * len(tags)
+    for signature, body in tags.items():
+        body += b"\0" * (-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ " + b"\0" * 12 + b"acsp" +
+              b"\0" * 24 + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def test_frames_in_another_colour_space_are_converted_to_srgb(tmp_path: Path) -> None:
+    grey = np.full((600, 700, 3), 128, np.uint8)  # linear 0.5: sRGB 188
+    plain = highdicom_write(grey, 1.0, tmp_path / "plain", tile_size=512, downsamples=(1, 8),
+                            transfer_syntax=ExplicitVRLittleEndian)
+    linear = highdicom_write(grey, 1.0, tmp_path / "linear", tile_size=512, downsamples=(1, 8),
+                             transfer_syntax=ExplicitVRLittleEndian, icc_profile=linear_rgb_icc())
+    srgb = highdicom_write(grey, 1.0, tmp_path / "srgb", tile_size=512, downsamples=(1, 8),
+                           transfer_syntax=ExplicitVRLittleEndian, icc_profile=SRGB_PROFILE)
+    for series, value in ((plain, 128), (srgb, 128), (linear, 188)):
+        with open_slide(series) as slide:
+            tile = slide.tile_source(1.0, 512).read(1, 1)
+            assert np.abs(tile[:88, :188].astype(int) - value).max() <= 1
+            assert (tile[88:] == 255).all()
+            thumbnail, _ = slide.thumbnail(8.0)
+            assert np.abs(thumbnail.astype(int) - value).max() <= 1
