@@ -139,9 +139,13 @@ def test_real_cores_are_ordered_on_both_continuous_scores(real_cores):
         assert max(values["1+"], values["2+ ISH-"]) < values["2+ ISH+"], values
 
 
-def test_real_core_calls(real_cores):
-    """ASCO/CAP on cell percentages: 0 core 0/ultralow, 2+ ISH- 1+/2+, 2+ ISH+ 2+/3+."""
-    call = {k: asco_cap_call(v[0].percentages) for k, v in real_cores.items()}
+@pytest.mark.parametrize("evidence_floor", [0.0, 2.0])
+def test_real_core_calls(real_cores, evidence_floor):
+    """ASCO/CAP on cell percentages, literal and with the product's 2 % evidence floor.
+
+    0 core 0/ultralow, 2+ ISH- 1+/2+, 2+ ISH+ 2+/3+.
+    """
+    call = {k: asco_cap_call(v[0].percentages, evidence_floor) for k, v in real_cores.items()}
     assert call["0"] in (SlideCall.ZERO, SlideCall.ULTRALOW), call
     assert call["2+ ISH-"] in (SlideCall.ONE, SlideCall.TWO), call
     assert call["2+ ISH+"] in (SlideCall.TWO, SlideCall.THREE), call
