@@ -208,8 +208,9 @@ class MembraneSummary:
 
     ``connectivity``, in [0, 1], is the mean over tumour cells of each cell's
     completeness times its intensity relative to ``intense_min`` (capped at
-    1): 0 when no tumour cell has membrane, 1 when every one is ringed
-    completely by intense membrane. Like HER2-CONNECT's score it rewards
+    1), counted for cells graded stained (class >= 1; isolated and sub-faint
+    hits count 0): 0 when no tumour cell has membrane, 1 when every one is
+    ringed completely by intense membrane. Like HER2-CONNECT's score it rewards
     closed, continuous rings, and it moves smoothly with both completeness
     and intensity, where the class percentages jump at cut-offs.
     """
@@ -399,7 +400,7 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
     # Staining counts in clusters of tumour cells, as the gastric scoring rules ask (a cluster of >= 5
     # cohesive cells in biopsies): a stained cell with fewer than cluster_min - 1 stained tumour
     # neighbours within crowd_radius_um is an isolated hit (noise run, debris rim) and reads 0.
-    hits = tumour & keep & (cls > 0)
+    hits = tumour & (cls > 0)
     if hits.any():
         near_hits = cKDTree(pts[hits]).query_ball_point(pts[hits], t.crowd_radius_um, return_length=True) - 1
         cls[np.flatnonzero(hits)[near_hits < t.cluster_min - 1]] = 0
@@ -426,7 +427,7 @@ def summarise_cells(tables: Iterable[CellTable], thresholds: MembraneThresholds 
         tum = tab.tumour
         counts += np.bincount(tab.cell_class[tum].astype(np.int64), minlength=len(CLASSES))[: len(CLASSES)]
         non_tumour += int((~tum).sum())
-        rel = np.minimum(tab.intensity[tum] / thresholds.intense_min, 1.0)
+        rel = np.minimum(tab.intensity[tum] / thresholds.intense_min, 1.0) * (tab.cell_class[tum] > 0)
         score_sum += float((tab.completeness[tum] * rel).sum())
         n_tumour += int(tum.sum())
     total = int(counts.sum())
