@@ -86,7 +86,11 @@ def test_stroma_nuclei_are_not_tumour():
 def test_white_outside_image_holds_no_cells_and_empty_input_is_fine():
     white = np.full((256, 256, 3), 255, np.uint8)
     table = grade_cells(white, MPP, REFERENCE.matrix())
-    assert len(table) == 0 and table.centroids.shape == (0, 2)
+    assert len(table) == 0 and table.centroids.shape == (0, 2) and table.tissue_area_um2 == 0
+    glass = (233.0, 232.0, 240.0)  # real glass with its sensor noise: no cells, no tissue area
+    noisy = np.clip(np.random.default_rng(0).normal(glass, (2, 2, 3.3), (256, 256, 3)), 0, 255).astype(np.uint8)
+    table = grade_cells(noisy, MPP, REFERENCE.matrix(), glass=glass)
+    assert len(table) == 0 and table.tissue_area_um2 == 0, (len(table), table.tissue_area_um2)
     summary = summarise_cells([table])
     assert summary.percentages == {c: 0.0 for c in CLASSES} and summary.connectivity == 0.0
 

@@ -178,6 +178,7 @@ class MembraneThresholds:
     reach_um: float = 6.0
     opening_um: float = 4.0
     dab_sigma_um: float = 0.6
+    tissue_od_min: float = 0.04
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ class CellTable:
 
     ``cell_class`` indexes ``worker.aggregate.CLASSES``: 0 no staining, 1 faint
     or incomplete, 2 weak-moderate complete (or intense incomplete), 3 intense
-    complete. ``tissue_area_um2`` is the area of the image's valid tissue, for
+    complete. ``tissue_area_um2`` is the image's tissue area (H + DAB above
+    ``tissue_od_min`` 0.04 at 2 um, inside ``tissue``; glass gaps left out), for
     tumour-cell densities.
     """
 
@@ -315,7 +317,10 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
     # H for the brown-dominance test (a red cell's DAB halo has an H halo).
     sigma = np.sqrt(max(t.dab_sigma_um**2 - (f * mpp) ** 2 / 12.0, 0.0)) / px_um
     h_peak, dab = np.moveaxis(ndimage.gaussian_filter(conc, (sigma, sigma, 0.0), truncate=3.0), -1, 0)
-    tissue_area = float(valid.sum()) * px_um**2
+    # Tissue area (for tumour-cell densities): stained pixels, not glass gaps (real glass reads
+    # 0.01-0.06 H+DAB at 2 um, tissue p5 0.05-0.1).
+    stained_tissue = ndimage.gaussian_filter(h_peak + dab, 2.0 / px_um) > t.tissue_od_min
+    tissue_area = float((valid & stained_tissue).sum()) * px_um**2
 
     nuclei, n = _nuclei(h, valid, px_um, t)
     if n == 0:
