@@ -377,3 +377,13 @@ def test_frames_in_another_colour_space_are_converted_to_srgb(tmp_path: Path) ->
             assert (tile[88:] == 255).all()
             thumbnail, _ = slide.thumbnail(8.0)
             assert np.abs(thumbnail.astype(int) - value).max() <= 1
+
+
+def test_real_cores_written_by_wsidicomizer_pass_stain_and_blur_qc(real_cores: dict[str, Path]) -> None:
+    """Issue 13: graded black edge padding read as haematoxylin scale 0.13 and blur on every core."""
+    settings = load_settings()
+    for series in real_cores.values():
+        stats = score_slide(series, settings).stats
+        assert (stats["level_read_mpp"], stats["level_resampled"]) == (pytest.approx(1.0), 0)
+        assert settings.qc_h_scale_min < stats["qc_h_scale"] < settings.qc_h_scale_max
+        assert stats["qc_sharpness"] > settings.qc_sharpness_min
