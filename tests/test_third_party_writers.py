@@ -199,6 +199,8 @@ def test_levels_in_another_frame_of_reference_are_kept_when_their_geometry_fits(
     pytest.param({"transfer_syntax": ExplicitVRLittleEndian}, id="explicit-vr-le"),
     pytest.param({"transfer_syntax": JPEGLSLossless, "sparse": True}, id="jpeg-ls-tiled-sparse"),
     pytest.param({"transfer_syntax": ExplicitVRLittleEndian, "focal_planes": 5}, id="five-focal-planes"),
+    # wsidicom's default is the first optical path, here a dark fluorescence one.
+    pytest.param({"transfer_syntax": ExplicitVRLittleEndian, "fluorescence_path": True}, id="dapi-then-brightfield"),
 ])
 def test_highdicom_written_slides_read_their_pixels(tmp_path: Path, writer: dict) -> None:
     rgb = real_crop(700, 600)  # 1 um/px: tile (1, 1) holds 188 x 88 px of image

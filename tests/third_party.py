@@ -159,14 +159,17 @@ def _photometric(transfer_syntax: str) -> str:
 def highdicom_write(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int = 256,
                     downsamples: tuple[int, ...] = (1, 2, 4), transfer_syntax: str = JPEGBaseline8Bit,
                     pad: int = 0, sparse: bool = False, focal_planes: int = 1, patient_id: str = "TP-HIGHDICOM",
-                    with_origin: bool = True, icc_profile: bytes | None = None) -> Path:
+                    with_origin: bool = True, icc_profile: bytes | None = None,
+                    fluorescence_path: bool = False) -> Path:
     """``rgb`` at ``mpp`` um/px as one instance per level, frames encoded by :func:`highdicom.frame.encode_frame`.
 
     ``sparse`` writes TILED_SPARSE with a Plane Position (Slide) per frame
     (computed by :func:`highdicom.utils.compute_plane_position_slide_per_frame`);
     ``focal_planes`` > 1 repeats the image in that many focal planes, the
     central one as it is and the others blurred (a defocused plane),
-    ``pad`` fills the unused part of edge tiles.
+    ``pad`` fills the unused part of edge tiles; ``fluorescence_path`` adds a
+    first optical path "DAPI" (fluorescence, dark frames) before the
+    brightfield one, with an Optical Path Identification per frame.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
@@ -177,21 +180,34 @@ def highdicom_write(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int =
         planes = [level if z == central else np.asarray(Image.fromarray(level).reduce(4).resize((w, h)))
                   for z in range(focal_planes)]
         frames = [f for plane in planes for f in _frames(plane, tile_size, pad)]
+        paths = ["DAPI", "1"] if fluorescence_path else ["1"]
+        frames = [np.zeros_like(f) for f in frames] * fluorescence_path + frames
         ds = _wsm_dataset(index, w, h, tile_size, mpp * d, len(frames), transfer_syntax, photometric,
                           (study, series, frame_of_reference), patient_id, with_origin, icc_profile)
         ds.TotalPixelMatrixFocalPlanes = focal_planes
-        if sparse or focal_planes > 1:
+        if fluorescence_path:
+            dapi = Dataset()
+            dapi.OpticalPathIdentifier = "DAPI"
+            dapi.IlluminationTypeCodeSequence = DicomSequence([hd.sr.CodedConcept("111743", "DCM",
+                                                                                  "Epifluorescence illumination")])
+            dapi.IlluminationWaveLength = 365.0
+            ds.OpticalPathSequence = DicomSequence([dapi, *ds.OpticalPathSequence])
+            ds.NumberOfOpticalPaths = 2
+        if sparse or focal_planes > 1 or fluorescence_path:
             ds.DimensionOrganizationType = "TILED_SPARSE"
             ds.TotalPixelMatrixFocalPlanes = focal_planes
             positions = hd.utils.compute_plane_position_slide_per_frame(_single_plane(ds))
             per_frame = []
-            for z in range(focal_planes):
-                for position in positions:
-                    plane = copy.deepcopy(position[0])
-                    plane.ZOffsetInSlideCoordinateSystem = float(z - central)  # um (PS3.3 C.8.12.6.1.1)
-                    item = Dataset()
-                    item.PlanePositionSlideSequence = DicomSequence([plane])
-                    per_frame.append(item)
+            for path, z, position in ((path, z, p) for path in paths for z in range(focal_planes) for p in positions):
+                plane = copy.deepcopy(position[0])
+                plane.ZOffsetInSlideCoordinateSystem = float(z - central)  # um (PS3.3 C.8.12.6.1.1)
+                item = Dataset()
+                item.PlanePositionSlideSequence = DicomSequence([plane])
+                if fluorescence_path:
+                    identification = Dataset()
+                    identification.OpticalPathIdentifier = path
+                    item.OpticalPathIdentificationSequence = DicomSequence([identification])
+                per_frame.append(item)
             ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
         encoded = [hd.frame.encode_frame(f, transfer_syntax, 8, 8, photometric, 0, 0) for f in frames]
         if transfer_syntax == ExplicitVRLittleEndian:
@@ -204,9 +220,10 @@ def highdicom_write(rgb: np.ndarray, mpp: float, out_dir: Path, tile_size: int =
 
 
 def _single_plane(ds: Dataset) -> Dataset:
-    """A copy of ``ds`` as TILED_FULL with one focal plane: what the per-frame position helper expects."""
+    """A copy of ``ds`` as TILED_FULL, one focal plane and path: what the per-frame position helper expects."""
     plane = copy.deepcopy(ds)
-    plane.TotalPixelMatrixFocalPlanes = 1
+    plane.TotalPixelMatrixFocalPlanes = plane.NumberOfOpticalPaths = 1
+    plane.OpticalPathSequence = plane.OpticalPathSequence[-1:]
     plane.DimensionOrganizationType = "TILED_FULL"
     plane.NumberOfFrames = math.ceil(ds.TotalPixelMatrixColumns / ds.Columns) * \
         math.ceil(ds.TotalPixelMatrixRows / ds.Rows)
