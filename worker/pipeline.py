@@ -118,7 +118,10 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
             stats.update(cell_stats(cells))
         score, decided_by = conclude(tiles, cells, quality, prepared.normaliser.notes, stats.get("tiles_corrupt", 0),
                                      settings)
-        datasets = result_objects(slide, level, score, tiles, cells, decided_by, model, settings)
+        try:
+            datasets = result_objects(slide, level, score, tiles, cells, decided_by, model, settings)
+        except ValueError as exc:  # the builders refuse source metadata they cannot encode: bad input, not a fault
+            raise SlideError(f"result objects could not be built from this slide's metadata: {exc}") from exc
         source = slide.identity
     stats["seconds"] = time.perf_counter() - started
     stats.update(prepared.tiles.summary())
