@@ -126,7 +126,9 @@ def test_twenty_concurrent_associations_each_scored_once_into_its_own_patient(st
         sr = stack.orthanc.instance(results[SR][0])
         referenced = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
                       for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
-        assert referenced and referenced <= source_uids
+        results_uids = {stack.orthanc.instance(i).SOPInstanceUID for i in results.get(SEG, [])}
+        assert results_uids <= referenced  # the SR's evidence lists its heatmap and the source instances
+        assert referenced - results_uids and referenced - results_uids <= source_uids
     assert len(stack.orthanc.get("/patients")) == SLIDES
 
     calls = Counter(m for m in re.findall(r"series \S+ scored \(([^)]*)\)", logs))

@@ -76,7 +76,8 @@ def check_results(orthanc, results: dict[str, list[str]], files: list[Path], tru
     assert read_sr_call(sr) == truth["call"]
     referenced = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
                   for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
-    assert referenced and referenced <= source_uids
+    assert seg.SOPInstanceUID in referenced  # the SR's evidence lists its heatmap and the source instances
+    assert referenced - {seg.SOPInstanceUID} and referenced - {seg.SOPInstanceUID} <= source_uids
     assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
     assert {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence} == {source.SeriesInstanceUID}
 
