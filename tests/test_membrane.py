@@ -83,6 +83,33 @@ def test_stroma_nuclei_are_not_tumour():
     assert table.tumour.sum() <= 0.1 * max(len(table), 1), (len(table), int(table.tumour.sum()))
 
 
+def _nuclei_in(between_h: float, side_um: float = 256.0) -> CellTable:
+    """Tumour-shaped nuclei (7.6 x 5.6 um, H 0.35) 10 um apart, in tissue of haematoxylin ``between_h``."""
+    rng = np.random.default_rng(0)
+    px = round(side_um / MPP)
+    yy, xx = (np.mgrid[0:px, 0:px] + 0.5) * MPP
+    h = np.full((px, px), between_h)
+    for cy in np.arange(6.0, side_um - 6.0, 10.0):
+        for cx in np.arange(6.0, side_um - 6.0, 10.0):
+            y0, x0, th = cy + rng.uniform(-1, 1), cx + rng.uniform(-1, 1), rng.uniform(0, np.pi)
+            u = (xx - x0) * np.cos(th) + (yy - y0) * np.sin(th)
+            v = (yy - y0) * np.cos(th) - (xx - x0) * np.sin(th)
+            h[(u / 3.8) ** 2 + (v / 2.8) ** 2 <= 1] = 0.35
+    od = h[..., None] * REFERENCE.matrix()[0] + rng.normal(0, 0.01, (px, px, 3))
+    return grade_cells(np.clip(255 * np.exp(-od), 0, 255).round().astype(np.uint8), MPP, REFERENCE.matrix())
+
+
+def test_epithelium_rule_keeps_sheets_and_leaves_out_nuclei_in_pale_matrix():
+    """The same crowded, tumour-shaped nuclei: in counterstained cytoplasm (real epithelium 0.12-0.17 OD) tumour,
+    in pale matrix (real fibrous stroma ~0.09, loose stroma 0.08, glass 0) not."""
+    for between in (0.13, 0.18):
+        table = _nuclei_in(between)
+        assert len(table) > 500 and table.tumour.mean() > 0.95, (between, len(table), int(table.tumour.sum()))
+    for between in (0.04, 0.07):
+        table = _nuclei_in(between)
+        assert len(table) > 500 and table.tumour.sum() == 0, (between, len(table), int(table.tumour.sum()))
+
+
 def test_white_outside_image_holds_no_cells_and_empty_input_is_fine():
     white = np.full((256, 256, 3), 255, np.uint8)
     table = grade_cells(white, MPP, REFERENCE.matrix())

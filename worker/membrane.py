@@ -21,7 +21,13 @@ learned model (numpy / scipy / scikit-image):
    level), touching nuclei split by a distance-transform watershed;
 3. a tumour-like rule on each nucleus (size, shape, crowding, see
    :class:`MembraneThresholds`) leaves out lymphocytes, fibroblasts and
-   isolated stromal cells;
+   isolated stromal cells; an **epithelium** rule leaves out cells of the
+   stroma: carcinoma grows as cohesive sheets and glands whose cells abut, so
+   the tissue around a tumour nucleus is cytoplasm, which takes the
+   haematoxylin counterstain, while fibrous stroma and the loose stroma around
+   inflammatory cells are extracellular matrix that takes little. The
+   haematoxylin of the non-nuclear tissue within a few um of each nucleus
+   decides; DAB does not (membrane staining must not decide what is tumour);
 4. each cell grows from its nucleus by a seeded watershed on DAB (membranes
    are DAB ridges), capped at a physical reach from the nucleus;
 5. membrane pixels are thin DAB lines (DAB above its 4 um morphological
@@ -130,11 +136,38 @@ class MembraneThresholds:
       (real 0 core: DAB/H 0.6, H 2.2x its nuclei), not a nucleus. Nuclei of
       typical H under strong membranes (DAB/H > 0.5 in a quarter of the
       real 2+ ISH+ core's nuclei) stay.
+    * ``cytoplasm_h_min`` 0.10 and ``cytoplasm_sigma_um`` 4: epithelium. The
+      mean haematoxylin of what is not nucleus around the nucleus (a
+      Gaussian of 4 um, about a cell's reach, normalised over the pixels that
+      are neither nucleus nor outside the image; glass gaps count, as pale)
+      must be at least 0.10 OD.
+      Carcinoma cells abut, with counterstained cytoplasm between their
+      nuclei; stroma nuclei lie in pale fibrous or oedematous matrix. Nucleus
+      features alone do not separate them (one field of the real 2+ ISH-
+      core, stroma vs stained gland epithelium, p25/p50/p75: area 21/30/43 vs
+      25/36/59 um2, minor axis 4.0/4.8/5.9 vs 4.5/5.5/6.9 um, nuclei within
+      20 um 6/8/9 vs 6/8/9). Measured at 0.5 um/px on the DICOM fields
+      (1024 px) of the real cores, per tumour-shaped nucleus, p10/p50/p90:
+      fibrous stroma of the 2+ ISH- core (field row 0 col 0, and rows 150-550
+      of field 1,1) 0.07/0.09/0.12; loose stroma with inflammatory cells of
+      the 1+ core (field 1,1) 0.06/0.08/0.09; tumour epithelium: the HER2 0
+      core (field 1,1, nearly all tumour) 0.11/0.15/0.19, stained cells of the
+      1+ core 0.105/0.17/0.23, of the 2+ ISH- core (fields 1,1 and 2,1)
+      0.09-0.10/0.12-0.13/0.17, of the 2+ ISH+ core 0.10/0.14/0.18. 0.10
+      lies above the stroma median and at about the tumour 10th percentile.
+      Limits: dense collagenous stroma reads like epithelium (the 2+ ISH+
+      core's, 0.13/0.14/0.16, stays in); tumour with pale cytoplasm is
+      partly lost (in fields 1,1 and 2,1 of the 2+ ISH+ core a quarter and
+      over a third of the stained cells read below 0.10, their cytoplasm
+      DAB-brown but barely blue). Absolute, not
+      relative to the nuclei: the median nucleus H differs 1.5x between the
+      real cores (0.24-0.37) with the same cytoplasm, and a field of pure
+      stroma has no tumour reference. Synthetic cytoplasm reads 0.2.
     * ``crowd_radius_um`` 20 and ``crowd_min`` 4: tumour grows in nests and
-      glands: at least 4 other tumour-shaped nuclei within 20 um (counts
-      scaled up near the image border). Real tumour-rich areas hold 53-81
-      nuclei per 0.01 mm2 (7-10 within 20 um), synthetic nests 7; synthetic
-      stroma fibroblasts lie 30 um apart.
+      glands: at least 4 other tumour-shaped epithelial nuclei within 20 um
+      (counts scaled up near the image border). Real tumour-rich areas hold
+      53-81 nuclei per 0.01 mm2 (7-10 within 20 um), synthetic nests 7;
+      synthetic stroma fibroblasts lie 30 um apart.
 
     Geometry: ``nucleus_sigma_um`` 0.75 smooths chromatin (real CV ~0.3)
     before thresholding at both Otsu's level of the image (floored at
@@ -166,6 +199,8 @@ class MembraneThresholds:
     fibroblast_ratio: float = 2.0
     nucleus_brown_max: float = 0.5
     brown_dark: float = 1.35
+    cytoplasm_h_min: float = 0.10
+    cytoplasm_sigma_um: float = 4.0
     crowd_radius_um: float = 20.0
     crowd_min: int = 4
     cluster_min: int = 3
@@ -361,8 +396,17 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
     keep = nucleus & ~edge[1:]
     lymph = (area_um2 < t.lymphocyte_area_um2) & (ecc < 0.75) & (h_mean > t.lymphocyte_dark * ref_h)
     fibro = (minor < t.fibroblast_minor_um) & (major > t.fibroblast_ratio * minor)
+    # Epithelium: the tissue around a carcinoma nucleus is its and its neighbours' cytoplasm, which takes the
+    # counterstain; stroma nuclei lie in pale matrix. Mean H of what is not nucleus near each nucleus (a Gaussian
+    # normalised over non-nucleus image pixels); haematoxylin only, so DAB does not decide what is tumour.
+    between = ((nuclei == 0) & valid).astype(np.float32)
+    s_cyto = t.cytoplasm_sigma_um / px_um
+    cyto_h = ndimage.gaussian_filter(h * between, s_cyto) / np.maximum(ndimage.gaussian_filter(between, s_cyto), 1e-3)
+    at_y = np.clip(np.round(cy).astype(np.int64), 0, h.shape[0] - 1)
+    at_x = np.clip(np.round(cx).astype(np.int64), 0, h.shape[1] - 1)
+    epithelial = cyto_h[at_y, at_x] >= t.cytoplasm_h_min
     # Neighbours include nuclei cut by the border (they are tumour-shaped too, just not graded here).
-    neighbour = nucleus & sized & ~lymph & ~fibro
+    neighbour = nucleus & sized & ~lymph & ~fibro & epithelial
     shaped = keep & neighbour
     pts = np.column_stack([cx, cy]) * px_um
     crowd = np.zeros(n, np.int64)
