@@ -274,10 +274,7 @@ def build_cell_annotations(
         series_number=ANN_SERIES_NUMBER,
         sop_instance_uid=uids.ann,
         instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_version,
-        device_serial_number=algorithm.version,
+        **algorithm.equipment(),
         content_label=ANN_CONTENT_LABEL,
         content_description=f"HER2 IHC cell classes - {NOT_FOR_CLINICAL_USE}",  # 64 characters (LO)
         series_description=ANN_SERIES_DESCRIPTION,

@@ -175,6 +175,11 @@ class AlgorithmInfo:
             source=self.manufacturer,
         )
 
+    def equipment(self) -> dict[str, str]:
+        """General Equipment Module arguments (PS3.3 C.7.5.1) of an object this algorithm made, for highdicom's SOP classes."""
+        return {"manufacturer": self.manufacturer, "manufacturer_model_name": self.name,
+                "software_versions": self.software_version, "device_serial_number": self.version}
+
     def contributing_equipment(self) -> hd.ContributingEquipment:
         """Contributing Equipment item for the model (IHE AI Results): name and version.
 
@@ -729,10 +734,7 @@ def build_sr(
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=uids.sr,
         instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_version,
-        device_serial_number=algorithm.version,
+        **algorithm.equipment(),
         series_description=SR_SERIES_DESCRIPTION,
         is_complete=True,
         is_final=False,
@@ -961,10 +963,7 @@ def build_heatmap(
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=uids.seg,
         instance_number=1,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.name,
-        software_versions=algorithm.software_version,
-        device_serial_number=algorithm.version,
+        **algorithm.equipment(),
         content_label=HEATMAP_CONTENT_LABEL,
         content_description=f"HER2 heatmap - {NOT_FOR_CLINICAL_USE}",  # LO: at most 64 characters
         series_description=SEG_SERIES_DESCRIPTION,

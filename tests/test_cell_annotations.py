@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from test_results import roundtrip, to_file, wsm_level
+from test_results import dciodvfy_report, roundtrip, to_file, wsm_level
 
 from dicom_io.cell_annotations import (
     ANN_SERIES_NUMBER,
@@ -188,10 +187,7 @@ def test_output_is_deterministic(slide, ann):
 
 def test_dciodvfy_finds_no_errors(ann, tmp_path):
     *_, obj, _ = ann
-    path = tmp_path / "cells.dcm"
-    obj.save_as(path, enforce_file_format=True)
-    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
-    report = result.stdout + result.stderr
+    report = dciodvfy_report(obj, tmp_path / "cells.dcm")
     assert "MicroscopyBulkSimpleAnnotations" in report
     lines = report.splitlines()
     assert not [line for line in lines if line.startswith("Error")], report

@@ -468,15 +468,19 @@ def test_heatmap_refuses_mismatched_arrays(source, level):
 KNOWN_WARNINGS = ("Unrecognized defined term <99HER2>",)
 
 
+def dciodvfy_report(ds: Dataset, path: Path) -> str:
+    """What dicom3tools' IOD validator says of ``ds``, saved as a file at ``path``."""
+    ds.save_as(path, enforce_file_format=True)
+    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
+    return result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("kind", ["sr", "seg"])
 def test_dciodvfy_finds_no_errors(source, level, tmp_path, kind):
     """dicom3tools' IOD validator reports no errors, and no warnings but the local 99HER2 scheme's."""
     score = make_score(SlideCall.TWO)
     ds = build_sr(source, level, score, ALGORITHM) if kind == "sr" else build_heatmap(source, level, score, ALGORITHM)
-    path = tmp_path / f"{kind}.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
-    report = result.stdout + result.stderr
+    report = dciodvfy_report(ds, tmp_path / f"{kind}.dcm")
     assert ("Comprehensive3DSR" if kind == "sr" else "Segmentation") in report
     errors = [line for line in report.splitlines() if line.startswith("Error")]
     assert not errors, report
@@ -649,10 +653,7 @@ def test_sr_refuses_inconsistent_graders(source, level, evidence):
 
 def test_dciodvfy_graded_sr_has_no_errors_and_no_new_warnings(graded_sr, tmp_path):
     _, sr, _ = graded_sr
-    path = tmp_path / "sr.dcm"
-    sr.save_as(path, enforce_file_format=True)
-    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
-    report = result.stdout + result.stderr
+    report = dciodvfy_report(sr, tmp_path / "sr.dcm")
     assert "Comprehensive3DSR" in report
     lines = report.splitlines()
     assert not [line for line in lines if line.startswith("Error")], report
