@@ -26,6 +26,7 @@ from dicom_io.results import (
     AlgorithmInfo,
     build_heatmap,
     build_sr,
+    read_sr_call,
     tile_centre_position,
 )
 from dicom_io.wsi import BRIGHTFIELD, brightfield_path, open_slide
@@ -327,9 +328,22 @@ def test_every_writer_gets_the_same_call_and_percentages(writer: str, matrix_tis
     assert result.stats["qc_h_scale"] == pytest.approx(reference_result.stats["qc_h_scale"], rel=0.05)
 
 
-def test_real_he_slide_with_only_a_29um_level_is_refused_in_one_line() -> None:
+def test_real_he_slide_with_only_a_29um_level_gets_a_not_assessable_sr() -> None:
+    """No level to grade at (one 29 um/px level), but quality control sees H&E: an SR says why, no refusal."""
+    result = score_slide(REPO / "tests" / "data" / "camelyon_he.dcm", load_settings())
+    assert result.score.call is SlideCall.NOT_ASSESSABLE
+    assert any(f.startswith("not assessable: not a HER2 IHC (DAB) stain") for f in result.score.flags)
+    assert [ds.Modality for ds in result.datasets] == ["SR"]
+    assert read_sr_call(result.datasets[0]) == "Indeterminate"
+
+
+def test_ihc_slide_without_a_level_to_grade_at_is_refused_in_one_line(matrix_tissue, tmp_path) -> None:
+    """Quality control finds nothing wrong, so a missing resolution stays a refusal."""
+    coarse = matrix_tissue[::4, ::4]
+    write_wsi(lambda x, y, w, h: coarse[y : y + h, x : x + w], coarse.shape[1], coarse.shape[0], 4.0,
+              SlideIdentity.synthetic(MATRIX_SPEC.seed, "WM"), tmp_path, tile_size=256)
     with pytest.raises(SlideError) as refused:
-        score_slide(REPO / "tests" / "data" / "camelyon_he.dcm", load_settings())
+        score_slide(tmp_path, load_settings())
     assert str(refused.value).startswith("missing pyramid level: none within 15% of 1 um/px")
     assert str(refused.value).endswith("; none is finer to resample from")
 

@@ -34,8 +34,8 @@ from worker.inference import TileModel
 from worker.overlay import CLASS_COLOURS, write_cell_field, write_overlay
 from worker.settings import Settings
 from worker.preprocessing.tissue import glass_colour
-from worker.quality import QualityReport, check_graded, check_slide
-from worker.tiles import PreparedSlide, prepare_slide, sharpness_sample, survey_slide, tile_batches
+from worker.quality import QualityReport, check_graded, check_slide, check_stain
+from worker.tiles import PreparedSlide, prepare_slide, sharpness_sample, survey_slide, tile_batches, unprepared
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,15 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
         model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
                            settings.white_fraction_max, settings.precision)
         survey = survey_slide(slide)
-        prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
+        quality = check_slide(survey.thumbnail, survey.mask, settings)
+        try:
+            prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
+        except SlideError:
+            if not quality.not_assessable:
+                raise
+            prepared = unprepared(slide, survey, model.card.tile_size)  # e.g. an H&E overview: no level to grade at
+        check_stain(quality, prepared.normaliser, settings)
         level = prepared.level
-        quality = check_slide(survey.thumbnail, survey.mask, prepared.normaliser, settings)
         if quality.not_assessable:
             tiles, stats = not_assessable(prepared.grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
         else:

@@ -43,6 +43,8 @@ FOLD_OD = 2.0
 #: Only clearly stained tissue pixels (OD sum above this) enter the stain-type check.
 STAINED_OD = 0.5
 PEN_GREEN_EXCESS = 30
+#: Why a slide without tissue is not assessable (no stain to check either).
+NO_TISSUE = "no tissue found on the slide"
 #: Start of the normaliser's note when too few pixels are stained to estimate any stain (a faded slide).
 UNESTIMABLE_H = "too few stained pixels"
 
@@ -73,12 +75,12 @@ def sharpness(tiles: np.ndarray) -> np.ndarray:
     return np.array([np.abs(ndimage.gaussian_laplace(g, 1.0)).mean() for g in grey])
 
 
-def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormaliser, settings) -> QualityReport:
-    """Checks on the whole-slide thumbnail and stain fit, before any tile is graded."""
+def check_slide(thumbnail: np.ndarray, mask: np.ndarray, settings) -> QualityReport:
+    """Checks on the whole-slide thumbnail, before any tile is read (stain type, pen, folds)."""
     report = QualityReport()
     tissue = thumbnail[mask]
     if tissue.size == 0:
-        report.not_assessable.append("no tissue found on the slide")
+        report.not_assessable.append(NO_TISSUE)
         return report
     rgb = tissue.astype(np.int16)
     pen = (rgb[:, 1] - rgb[:, 0]) > PEN_GREEN_EXCESS
@@ -88,7 +90,6 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormal
         eosin_share=eosin_share(tissue[stained] if stained.any() else tissue),
         pen_share=float(pen.mean()),
         fold_share=float(((od_sum > FOLD_OD) & ~pen).mean()),
-        h_scale=normaliser.h_scale,
     )
     m = report.measures
     if m["eosin_share"] > settings.qc_eosin_share_max:
@@ -99,6 +100,14 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormal
         report.flags.append(f"QC: pen marks on {100 * m['pen_share']:.1f} % of the tissue")
     if m["fold_share"] > settings.qc_fold_share_max:
         report.flags.append(f"QC: possible tissue folds on {100 * m['fold_share']:.1f} % of the tissue")
+    return report
+
+
+def check_stain(report: QualityReport, normaliser: StainNormaliser, settings) -> None:
+    """The stain-fit check, once the slide's stains are fitted on its tiles."""
+    report.measures["h_scale"] = normaliser.h_scale
+    if NO_TISSUE in report.not_assessable:
+        return
     low, high = settings.qc_h_scale_min, settings.qc_h_scale_max
     if not low <= normaliser.h_scale <= high:
         report.flags.append(f"QC: stain outside the training distribution (haematoxylin scale "
@@ -106,7 +115,6 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, normaliser: StainNormal
     elif any(UNESTIMABLE_H in n or "haematoxylin" in n for n in normaliser.notes):
         report.flags.append("QC: stain outside the training distribution (haematoxylin colour or amount not "
                             "estimable: stain too faint or off-colour)")
-    return report
 
 
 def check_graded(report: QualityReport, tile_sharpness: np.ndarray, tumour_area_mm2: float, tumour_cells: int | None,

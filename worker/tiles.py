@@ -109,6 +109,16 @@ def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
     return PreparedSlide(survey, tiles, grid, candidates, normaliser)
 
 
+def unprepared(slide: Slide, survey: SlideSurvey, tile_size: int) -> PreparedSlide:
+    """The finest level as it is, with no tissue tiles and no stain fit: for a slide quality control already
+    refused (e.g. an H&E overview without a level at the model's resolution), so its "not assessable" SR has a
+    level and grid to refer to."""
+    level = slide.levels[0]
+    tiles = TileSource(level, level, slide.tile_reader(level, tile_size))
+    grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
+    return PreparedSlide(survey, tiles, grid, [], StainNormaliser.identity())
+
+
 def spread_indices(n: int, k: int) -> range:
     """Indices of at most ``k`` of ``n`` items, evenly spaced."""
     step = max(1, -(-n // k))
