@@ -45,10 +45,20 @@ def binary(name: str) -> str:
     return found
 
 
+#: Ports already handed out in this process: the kernel may offer a just-closed port again, and two of one
+#: server's ports (Orthanc's DICOM and HTTP) once came out equal, so Orthanc could not bind its second one.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port that is free now and was not handed out before in this process."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
