@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -49,11 +49,9 @@ FIELD_WHITE_MAX = 0.8
 class CellGrading:
     """The membrane grader's result for one slide.
 
-    ``centroids`` are the graded **tumour** cells' nucleus centres in pixels
-    (column, row) of ``level``, the level the fields were read at (a
-    resampled one when the pyramid has none at 0.25-0.5 um/px), ``classes`` their index into
-    :data:`worker.aggregate.CLASSES`, ``completeness`` and ``intensity`` their membranes'
-    (:class:`worker.membrane.CellTable`).
+    ``tumour`` holds the graded **tumour** cells, their nucleus centres in
+    pixels (column, row) of ``level``, the level the fields were read at (a
+    resampled one when the pyramid has none at 0.25-0.5 um/px).
     ``example`` is the graded field with the most tumour cells, its RGB
     pixels and cells, for the overlay a pathologist checks.
     """
@@ -61,10 +59,7 @@ class CellGrading:
     summary: MembraneSummary
     call: SlideCall
     level: LevelInfo
-    centroids: np.ndarray
-    classes: np.ndarray
-    completeness: np.ndarray
-    intensity: np.ndarray
+    tumour: CellTable
     fields: int
     seconds: float
     example: tuple[np.ndarray, CellTable] | None
@@ -149,20 +144,16 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
                 continue
             (row, col), rgb, table = graded
             tables.append(table)
-            cells = replace(table, **{f.name: getattr(table, f.name)[table.tumour] for f in fields(table)
-                                      if isinstance(getattr(table, f.name), np.ndarray)})
+            cells = table.select(table.tumour)
             tumour.append(replace(cells, centroids=cells.centroids + np.array([col, row], np.float32) * FIELD_PX))
             if example is None or table.tumour.sum() > example[1].tumour.sum():
                 example = (rgb, table)
     summary = summarise_cells(tables)
     return CellGrading(
         summary=summary,
-        call=asco_cap_call(summary.percentages, evidence_floor) if sum(summary.counts.values()) else SlideCall.NOT_ASSESSABLE,
+        call=asco_cap_call(summary.percentages, evidence_floor) if summary.tumour_cells else SlideCall.NOT_ASSESSABLE,
         level=level,
-        centroids=np.concatenate([t.centroids for t in tumour]) if tumour else np.zeros((0, 2), np.float32),
-        classes=np.concatenate([t.cell_class for t in tumour]) if tumour else np.zeros(0, np.int8),
-        completeness=np.concatenate([t.completeness for t in tumour]) if tumour else np.zeros(0, np.float32),
-        intensity=np.concatenate([t.intensity for t in tumour]) if tumour else np.zeros(0, np.float32),
+        tumour=CellTable.concatenate(tumour),
         fields=len(tables),
         seconds=time.perf_counter() - started,
         example=example,

@@ -50,7 +50,7 @@ continuous connectivity score.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from scipy import ndimage
@@ -245,6 +245,24 @@ class CellTable:
     def __len__(self) -> int:
         return len(self.tumour)
 
+    @classmethod
+    def empty(cls, tissue_area: float = 0.0) -> "CellTable":
+        return cls(np.zeros((0, 2), np.float32), np.zeros(0, bool), np.zeros(0, np.int8), np.zeros(0, np.float32),
+                   np.zeros(0, np.float32), np.zeros(0, np.float32), tissue_area)
+
+    def select(self, rows: np.ndarray) -> "CellTable":
+        """The cells at ``rows`` (a boolean mask or indices), same tissue area."""
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
+                                if isinstance(getattr(self, f.name), np.ndarray)})
+
+    @classmethod
+    def concatenate(cls, tables: list["CellTable"]) -> "CellTable":
+        """All cells of ``tables`` in one table (tissue areas added)."""
+        if not tables:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(cls)
+                     if f.name != "tissue_area_um2"), sum(t.tissue_area_um2 for t in tables))
+
 
 @dataclass(frozen=True)
 class MembraneSummary:
@@ -263,6 +281,10 @@ class MembraneSummary:
     non_tumour: int
     percentages: dict[str, float]
     connectivity: float
+
+    @property
+    def tumour_cells(self) -> int:
+        return sum(self.counts.values())
 
 
 def _bin(a: np.ndarray, f: int) -> np.ndarray:
@@ -366,7 +388,7 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
 
     nuclei, n = _nuclei(h, valid, px_um, t)
     if n == 0:
-        return _empty(tissue_area), nuclei, np.zeros(nuclei.shape, bool)
+        return CellTable.empty(tissue_area), nuclei, np.zeros(nuclei.shape, bool)
     area = np.bincount(nuclei.ravel(), minlength=n + 1)[1:].astype(np.float64)
     yy, xx = np.indices(nuclei.shape, dtype=np.float64)
     lab = nuclei.ravel()
@@ -468,11 +490,6 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
     row = np.full(n + 1, -1, np.int64)
     row[1:][keep] = np.arange(int(keep.sum()))
     return table, row[cells], bnd & near
-
-
-def _empty(tissue_area: float) -> CellTable:
-    return CellTable(np.zeros((0, 2), np.float32), np.zeros(0, bool), np.zeros(0, np.int8), np.zeros(0, np.float32),
-                     np.zeros(0, np.float32), np.zeros(0, np.float32), tissue_area)
 
 
 def summarise_cells(tables: Iterable[CellTable], thresholds: MembraneThresholds = MembraneThresholds()) -> MembraneSummary:

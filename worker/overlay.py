@@ -36,20 +36,26 @@ def overlay_image(thumbnail: np.ndarray, score: SlideScore, level_px_per_thumb_p
     tile_weight = weight[ri][:, ci][..., None]
     blended = thumbnail.astype(np.float32) * (1 - tile_weight) + tile_colour * tile_weight
     image = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
-    return _with_legend(image, score)
+    return _legend(image, f"HER2 IHC call: {score.call.value}   (research use only, not for clinical use)",
+                   [f"{name}: {score.percentages[name]:.1f} % of tumour area" for name in CLASSES], ring=False)
 
 
-def _with_legend(image: Image.Image, score: SlideScore) -> Image.Image:
+def _legend(image: Image.Image, title: str, lines: list[str], ring: bool) -> Image.Image:
+    """``image`` above a white legend: ``title``, then one line per class beside its colour (a ring or a square)."""
     legend_h = 22 * (len(CLASSES) + 2)
     canvas = Image.new("RGB", (max(image.width, 320), image.height + legend_h), "white")
     canvas.paste(image, (0, 0))
     draw = ImageDraw.Draw(canvas)
     y = image.height + 4
-    draw.text((6, y), f"HER2 IHC call: {score.call.value}   (research use only, not for clinical use)", fill="black")
-    for k, name in enumerate(CLASSES):
+    draw.text((6, y), title, fill="black")
+    for k, line in enumerate(lines):
         y += 22
-        draw.rectangle((6, y, 22, y + 14), fill=tuple(int(v) for v in CLASS_COLOURS[k]))
-        draw.text((30, y), f"{name}: {score.percentages[name]:.1f} % of tumour area", fill="black")
+        colour = tuple(int(v) for v in CLASS_COLOURS[k])
+        if ring:
+            draw.ellipse((6, y, 20, y + 14), outline=colour, width=3)
+        else:
+            draw.rectangle((6, y, 22, y + 14), fill=colour)
+        draw.text((30, y), line, fill="black")
     return canvas
 
 
@@ -77,18 +83,8 @@ def cell_field_image(rgb: np.ndarray, cells: CellTable, radius: int = 6) -> Imag
         else:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=OTHER_CELL_COLOUR)
     counts = [int(np.count_nonzero(cells.tumour & (cells.cell_class == k))) for k in range(len(CLASSES))]
-    legend_h = 22 * (len(CLASSES) + 2)
-    canvas = Image.new("RGB", (max(image.width, 320), image.height + legend_h), "white")
-    canvas.paste(image, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    y = image.height + 4
-    draw.text((6, y), "Membrane grader, one field: tumour cells by class (research use only, not for clinical use)",
-              fill="black")
-    for k, name in enumerate(CLASSES):
-        y += 22
-        draw.ellipse((6, y, 20, y + 14), outline=tuple(int(v) for v in CLASS_COLOURS[k]), width=3)
-        draw.text((30, y), f"{name}: {counts[k]} tumour cells", fill="black")
-    return canvas
+    return _legend(image, "Membrane grader, one field: tumour cells by class (research use only, not for clinical use)",
+                   [f"{name}: {counts[k]} tumour cells" for k, name in enumerate(CLASSES)], ring=True)
 
 
 def write_cell_field(rgb: np.ndarray, cells: CellTable, path: Path) -> Path:

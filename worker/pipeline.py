@@ -120,7 +120,7 @@ def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = Non
                                         settings.decode_threads, glass_colour(survey.thumbnail, survey.mask),
                                         settings.evidence_floor_percent)
             check_graded(quality, sharpness, tiles.tumour_area_mm2,
-                         None if cells is None else sum(cells.summary.counts.values()), settings)
+                         None if cells is None else cells.summary.tumour_cells, settings)
             stats.update(cell_stats(cells))
         score, decided_by = conclude(tiles, cells, quality, prepared.normaliser.notes, stats.get("tiles_corrupt", 0),
                                      settings)
@@ -159,10 +159,12 @@ def result_objects(slide: Slide, level: LevelInfo, score: SlideScore, tiles: Sli
         s = cells.summary
         graders.append(GraderResult(algorithm=membrane, call=cells.call, percentages=s.percentages,
                                     basis="tumour cells", cell_counts=s.counts, connectivity=s.connectivity))
-        if len(cells.classes):  # centroids are pixel indices; the annotation's (0, 0) is the first pixel's corner
+        tumour = cells.tumour
+        if len(tumour):  # centroids are pixel indices; the annotation's (0, 0) is the first pixel's corner
             evidence.append(build_cell_annotations(
-                slide.source_datasets, slide.level_dataset(cells.level.index), cells.centroids + 0.5, cells.classes,
-                membrane, measurements={"completeness": cells.completeness, "intensity": cells.intensity},
+                slide.source_datasets, slide.level_dataset(cells.level.index), tumour.centroids + 0.5,
+                tumour.cell_class, membrane,
+                measurements={"completeness": tumour.completeness, "intensity": tumour.intensity},
                 colours=dict(zip(CLASSES, (tuple(int(v) for v in c) for c in CLASS_COLOURS)))))
     if tiles.call is SlideCall.NOT_ASSESSABLE:  # quality control stopped the slide before any grading
         graders = []
@@ -249,7 +251,7 @@ def cell_stats(cells: CellGrading | None) -> dict[str, float]:
     if cells is None:
         return {}
     return {"membrane_fields": cells.fields, "membrane_seconds": cells.seconds, "membrane_mpp": cells.level.mpp,
-            "membrane_tumour_cells": sum(cells.summary.counts.values()),
+            "membrane_tumour_cells": cells.summary.tumour_cells,
             "membrane_other_cells": cells.summary.non_tumour}
 
 
