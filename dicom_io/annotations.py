@@ -48,8 +48,8 @@ from pydicom.uid import (
     VLWholeSlideMicroscopyImageStorage,
 )
 
+from dicom_io.codes import HER2_SCORE, HER2_SCORE_VALUES
 from dicom_io.errors import AnnotationError
-from dicom_io.results import HER2_SCORE, HER2_SCORE_VALUES
 from dicom_io.uids import derived_uid
 from worker.aggregate import CLASSES, SlideCall
 

@@ -37,7 +37,7 @@ Annotation Group Label                 "HER2 <class> tumour cells" (not the bare
 Per-cell measurements (optional)       see :data:`CELL_MEASUREMENTS`
 =====================================  =============================================
 
-``99HER2`` is the SR's local scheme (:mod:`dicom_io.results`), declared in the
+``99HER2`` is the results' local scheme (:mod:`dicom_io.codes`), declared in the
 object's Coding Scheme Identification Sequence.
 
 Cell classes (``worker.aggregate.CLASSES``, ASCO/CAP membrane patterns):
@@ -66,15 +66,13 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import MicroscopyBulkSimpleAnnotationsStorage
 
-from dicom_io.results import (
-    LOCAL_SCHEME,
-    NO_UNITS,
+from dicom_io.codes import LOCAL_SCHEME, NO_UNITS, local_scheme_item
+from dicom_io.result_header import (
     NOT_FOR_CLINICAL_USE,
     AlgorithmInfo,
-    _check_sources,
-    _local_scheme_item,
-    _result_uids,
+    check_sources,
     set_device_uid,
+    source_result_uids,
 )
 from dicom_io.uids import derived_uid
 from worker.aggregate import CLASSES
@@ -187,7 +185,7 @@ def build_cell_annotations(
     the module docstring. The group is AUTOMATIC with the grader's Algorithm
     Identification (PS3.3 C.37.1.2, Algorithm Identification Macro), and the
     object carries the grader as Contributing Equipment and its Device UID in
-    General Equipment (IHE AI Results; :func:`dicom_io.results.set_device_uid`).
+    General Equipment (IHE AI Results; :func:`dicom_io.result_header.set_device_uid`).
     Patient, study and specimen identity are copied from ``scored_level``;
     the object references ``scored_level`` (Referenced Image Sequence,
     Common Instance Reference). Series and SOP Instance UIDs
@@ -233,9 +231,9 @@ def build_cell_annotations(
 
     """
     measurements = dict(measurements or {})
-    _check_sources(source_instances, scored_level)
+    check_sources(source_instances, scored_level)
     points, labels = _check_cells(scored_level, centroids, classes, measurements)
-    uids = _result_uids(source_instances, algorithm)
+    uids = source_result_uids(source_instances, algorithm)
     to_slide = hd.spatial.ImageToReferenceTransformer.for_image(scored_level, for_total_pixel_matrix=True)
     slide_points = to_slide(points)  # (N, 3) float64, mm
     groups = []
@@ -279,7 +277,7 @@ def build_cell_annotations(
         content_description=f"HER2 IHC cell classes - {NOT_FOR_CLINICAL_USE}",  # 64 characters (LO)
         series_description=ANN_SERIES_DESCRIPTION,
         contributing_equipment=[algorithm.contributing_equipment()],
-        coding_schemes=[_local_scheme_item()],
+        coding_schemes=[local_scheme_item()],
     )
     set_device_uid(ann, uids.device)
     return ann

@@ -382,7 +382,7 @@ class Slide:
         w, h = min(source.width, math.ceil(x1)) - left, min(source.height, math.ceil(y1)) - top
         if w > 0 and h > 0:
             try:
-                region[:h, :w] = np.asarray(self._read(source, left, top, w, h))
+                region[:h, :w] = np.asarray(self.read_region(source, left, top, w, h))
             except SlideError as exc:
                 raise CorruptTileError(str(exc)) from exc
         tile = Image.fromarray(region).resize((size, size), Image.Resampling.BOX,
@@ -405,7 +405,7 @@ class Slide:
             raise SlideError(f"missing pyramid levels: the {which} is {info.width} x {info.height} px at "
                              f"{info.mpp:.3g} um/px, more than {MAX_THUMBNAIL_SOURCE_PIXELS // 2**20} Mpx to read "
                              "whole; the series needs lower-resolution levels")
-        region = self._read(info, 0, 0, info.width, info.height)
+        region = self.read_region(info, 0, 0, info.width, info.height)
         if not fine_enough:
             return np.asarray(region), info.mpp
         size = (max(1, round(info.width * info.mpp / mpp)), max(1, round(info.height * info.mpp / mpp)))
@@ -413,7 +413,7 @@ class Slide:
             region = region.resize(size, Image.Resampling.BOX)
         return np.asarray(region), mpp
 
-    def _read(self, level: LevelInfo, x: int, y: int, w: int, h: int) -> Image.Image:
+    def read_region(self, level: LevelInfo, x: int, y: int, w: int, h: int) -> Image.Image:
         """RGB region of ``level``; pixel data that cannot be decoded raises :class:`SlideError`."""
         try:
             region = self._wsi.read_region((x, y), self._pyramid_level[level.index], (w, h),
@@ -455,17 +455,17 @@ class Slide:
 
             return read
 
-        def read_region(row: int, col: int) -> np.ndarray:
+        def read_decoded(row: int, col: int) -> np.ndarray:
             x, y = col * tile_size, row * tile_size
             w, h = min(tile_size, level.width - x), min(tile_size, level.height - y)
             out = np.full((tile_size, tile_size, 3), 255, np.uint8)
             try:
-                out[:h, :w] = np.asarray(self._read(level, x, y, w, h))
+                out[:h, :w] = np.asarray(self.read_region(level, x, y, w, h))
             except SlideError as exc:
                 raise CorruptTileError(str(exc)) from exc
             return out
 
-        return read_region
+        return read_decoded
 
 
 def central_plane(planes: Sequence[float]) -> float:
@@ -533,7 +533,7 @@ def resampled_dataset(source: Dataset, level: LevelInfo, factor: float) -> Datas
     ``level``'s size, Pixel Spacing times ``factor`` (PS3.3 C.8.12.4) and the
     Total Pixel Matrix Origin moved to the centre of the new top-left pixel
     (origins are pixel centres, as highdicom reads them: see
-    :func:`dicom_io.results.tile_centre_position`).
+    :func:`dicom_io.geometry.tile_centre_position`).
     """
     ds = Dataset()
     ds.file_meta = source.file_meta

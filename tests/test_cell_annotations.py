@@ -25,7 +25,7 @@ from dicom_io.cell_annotations import (
     build_cell_annotations,
     read_cell_annotations,
 )
-from dicom_io.results import AlgorithmInfo
+from dicom_io.result_header import AlgorithmInfo
 from dicom_io.uids import result_uids
 from worker.aggregate import CLASSES
 

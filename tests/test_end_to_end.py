@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_io.results import read_sr_call
+from dicom_io.sr import read_sr_call
 from worker.aggregate import CLASSES, SlideCall
 from worker.pipeline import score_slide
 from worker.settings import load_settings

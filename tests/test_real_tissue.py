@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_io.results import read_sr_call
+from dicom_io.sr import read_sr_call
 
 ORDER = ("0", "1+", "2+ISH-", "2+ISH+")
 #: Admissible default-grader calls per core (issue 12, "Done when").

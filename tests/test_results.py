@@ -21,7 +21,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage
 
 from dicom_io.cell_annotations import build_cell_annotations
-from dicom_io.results import (
+from dicom_io.codes import (
     CELL_COUNT,
     CLASS_PERCENTAGE,
     HER2_SCORE,
@@ -29,9 +29,11 @@ from dicom_io.results import (
     REFLEX_ISH,
     SLIDE_CALL_GRADER,
     TUMOUR_AREA,
-    AlgorithmInfo,
+)
+from dicom_io.result_header import AlgorithmInfo
+from dicom_io.seg import build_heatmap
+from dicom_io.sr import (
     GraderResult,
-    build_heatmap,
     build_sr,
     read_sr_call,
     read_sr_evidence,

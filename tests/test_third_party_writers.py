@@ -22,13 +22,10 @@ from pydicom.uid import (
 )
 
 from dicom_io.errors import SlideError
-from dicom_io.results import (
-    AlgorithmInfo,
-    build_heatmap,
-    build_sr,
-    read_sr_call,
-    tile_centre_position,
-)
+from dicom_io.geometry import tile_centre_position
+from dicom_io.result_header import AlgorithmInfo
+from dicom_io.seg import build_heatmap
+from dicom_io.sr import build_sr, read_sr_call
 from dicom_io.wsi import BRIGHTFIELD, brightfield_path, open_slide
 from dicom_io.wsi_writer import SRGB_PROFILE, SlideIdentity, write_wsi
 from model_training.synthetic import SlideSpec, render_region
@@ -69,7 +66,7 @@ def test_black_edge_padding_of_wsidicomizer_reads_white(tmp_path: Path) -> None:
             tile = read(row, col)
             w, h = level.width - 512 * col if col else 512, level.height - 512 * row if row else 512
             assert (tile[h:] == 255).all() and (tile[:, w:] == 255).all()
-            region = np.asarray(slide._read(level, 512 * col, 512 * row, w, h))
+            region = np.asarray(slide.read_region(level, 512 * col, 512 * row, w, h))
             assert np.abs(tile[:h, :w].astype(int) - region).max() <= 1  # inside: the image itself
 
 
@@ -117,8 +114,8 @@ def test_tiles_are_resampled_from_the_nearest_finer_level_when_the_pyramid_skips
     with open_slide(series) as slide:
         assert [lvl.mpp for lvl in slide.levels] == pytest.approx([0.5, 2.0, 8.0])
         regions = []
-        read_region = slide._read
-        monkeypatch.setattr(slide, "_read", lambda lvl, x, y, w, h: regions.append((lvl.index, w, h)) or
+        read_region = slide.read_region
+        monkeypatch.setattr(slide, "read_region", lambda lvl, x, y, w, h: regions.append((lvl.index, w, h)) or
                             read_region(lvl, x, y, w, h))
         tiles = slide.tile_source(1.0, 512)
         assert tiles.resampled and tiles.source_level.index == 0
@@ -223,7 +220,7 @@ def test_levels_of_a_pyramid_with_4x_steps_read_their_own_pixels(tmp_path: Path)
     with open_slide(series) as slide:
         level = slide.levels[1]
         assert (level.width, level.mpp) == (350, 4.0)
-        assert np.array_equal(np.asarray(slide._read(level, 0, 0, 350, 275)), np.asarray(Image.fromarray(rgb).reduce(4)))
+        assert np.array_equal(np.asarray(slide.read_region(level, 0, 0, 350, 275)), np.asarray(Image.fromarray(rgb).reduce(4)))
         assert np.array_equal(slide.tile_reader(level, 256)(1, 1)[:19, :94], np.asarray(Image.fromarray(rgb).reduce(4))[256:, 256:])
 
 

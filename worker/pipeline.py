@@ -26,7 +26,9 @@ from threadpoolctl import threadpool_limits
 
 from dicom_io.errors import SlideError
 from dicom_io.cell_annotations import build_cell_annotations
-from dicom_io.results import AlgorithmInfo, GraderResult, build_heatmap, build_sr
+from dicom_io.result_header import AlgorithmInfo
+from dicom_io.seg import build_heatmap
+from dicom_io.sr import GraderResult, build_sr
 from dicom_io.wsi import LevelInfo, Slide, SourceIdentity, open_slide
 from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_call, category_distance, class_percentages
 from worker.cell_grading import MEMBRANE_GRADER, CellGrading, grade_membranes, membrane_grader_version

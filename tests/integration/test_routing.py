@@ -18,7 +18,7 @@ import pytest
 import redis as redis_client
 from pacs_stack import LISTENER_AET, binary, her2, wait_until
 
-from dicom_io.results import read_sr_call
+from dicom_io.sr import read_sr_call
 from model_training.synthetic import SlideSpec
 from model_training.synthetic_dicom import write_synthetic_slide
 
