@@ -344,12 +344,12 @@ def naive_loop(series_dir: Path, settings, model, max_tiles: int) -> tuple[Rate,
     graded = 0
     with open_slide(series_dir) as slide:
         prepared = prepare_slide(slide, survey_slide(slide), card.tile_size, card.mpp, card.stain)
-        wsi, level, size = slide._wsi, prepared.level, card.tile_size  # the whole-region API, as research code uses
-        for r, c in prepared.candidates[: max_tiles or None]:
+        level, size = prepared.level, card.tile_size
+        for r, c in prepared.candidates[: max_tiles or None]:  # the whole-region API, as research code uses
             x, y = c * size, r * size
             w, h = min(size, level.width - x), min(size, level.height - y)
             tile = np.full((size, size, 3), 255, np.uint8)
-            tile[:h, :w] = np.asarray(wsi.read_region((x, y), level.index, (w, h)).convert("RGB"))
+            tile[:h, :w] = np.asarray(slide.read_region(level, x, y, w, h))
             if white_fraction(tile) > card.white_fraction_max:
                 continue
             grade(prepared.normaliser(tile[None])[0])
