@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -154,6 +154,26 @@ class Settings(BaseSettings):
     state_dir: Path = Field(
         Path("state"), description="Job status and claims in embedded mode (`her2 serve --embedded`, no Redis)."
     )
+
+    # --- job leases, metrics and health (docs/operations.md; worker/lease.py, worker/metrics.py) ---------
+    job_lease_seconds: float = Field(
+        30.0, gt=0, description="A running job holds a lease in Redis for this long, renewed by its worker; once it "
+        "expires (worker killed, host lost) any worker or the listener queues the job again (a failed attempt).")
+    job_lease_renew_seconds: float = Field(
+        10.0, gt=0, description="How often a worker renews its job's lease, and how often workers and the listener "
+        "look for expired leases; at most half of job_lease_seconds.")
+    metrics_enabled: bool = Field(True, description="Serve Prometheus /metrics and /health from listener and workers.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics and health endpoint binds to.")
+    listener_metrics_port: int = Field(9464, ge=0, le=65535, description="Metrics/health port of `her2 listen`.")
+    worker_metrics_port: int = Field(
+        9465, ge=0, le=65535, description="Metrics/health port of `her2 worker` (one per worker process on a host).")
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> Settings:
+        if self.job_lease_renew_seconds > self.job_lease_seconds / 2:
+            raise ValueError(f"job_lease_renew_seconds ({self.job_lease_renew_seconds:g}) must be at most half of "
+                             f"job_lease_seconds ({self.job_lease_seconds:g}): one late renewal must not lose the lease")
+        return self
 
     def membrane_thresholds(self) -> MembraneThresholds:
         """The membrane grader's cut-offs: its documented defaults with ``membrane_cutoffs`` applied."""
