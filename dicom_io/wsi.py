@@ -50,7 +50,7 @@ from wsidicom.config import use_settings
 from wsidicom.file import WsiDicomFileSource
 from wsidicom.file.io import WsiDicomReadIO
 
-from dicom_io.errors import CorruptTileError, SlideError
+from dicom_io.errors import CorruptTileError, SlideError, SourceError
 from dicom_io.transfer_syntax import TRANSFER_SYNTAXES, describe
 from dicom_io.wsi_headers import RESAMPLED_IMAGE_TYPE, SplicedFile, fill_defaults
 
@@ -241,7 +241,6 @@ def _validate_instance(path: Path, ds: Dataset) -> None:
     if missing:
         raise SlideError(f"VL WSM instance lacks {', '.join(missing)} (needed to place it in the pyramid)")
     _check_dimensions(ds)
-    _check_complete(path, ds)
 
 
 def _validate_series(headers: dict[Path, Dataset]) -> None:
@@ -258,8 +257,12 @@ def _validate_series(headers: dict[Path, Dataset]) -> None:
             raise SlideError(f"instances disagree on {key} ({len(values)} different values): refusing to mix slides")
 
 
-def _validate(headers: dict[Path, Dataset]) -> dict[Path, list[str]]:
-    """Refuse bad input; give missing attributes their defaults first. Returns the defaults given per file."""
+def validate_headers(headers: dict[Path, Dataset]) -> dict[Path, list[str]]:
+    """Refuse bad input; give missing attributes their defaults first. Returns the defaults given per instance.
+
+    Keys name the instances in messages: file paths, or for a slide read over
+    DICOMweb (:mod:`dicom_io.dicomweb`) ``Path(SOPInstanceUID)``.
+    """
     _validate_series(headers)
     try:
         changed = fill_defaults(headers)
@@ -419,7 +422,7 @@ class Slide:
             region = self._wsi.read_region((x, y), self._pyramid_level[level.index], (w, h),
                                            z=self._plane[level.index], path=self._path).convert("RGB")
             return region if self._to_srgb is None else ImageCms.applyTransform(region, self._to_srgb)
-        except MemoryError:
+        except (MemoryError, SourceError):  # out of memory, or the PACS unreachable: faults, not bad pixels
             raise
         except Exception as exc:  # wsidicom and its decoders (Pillow, imagecodecs, pydicom) raise many types
             raise SlideError(f"pyramid level {level.index} could not be decoded at ({x}, {y}) "
@@ -443,7 +446,7 @@ class Slide:
                     data = self._wsi.read_encoded_tile(self._pyramid_level[level.index], (col, row),
                                                        z=self._plane[level.index],
                                                        path=self._path, crop_to_image_boundary=False)
-                except MemoryError:
+                except (MemoryError, SourceError):
                     raise
                 except Exception as exc:  # a damaged frame index or offset table, as wsidicom finds it
                     raise CorruptTileError(f"tile ({col}, {row}) of level {level.index} could not be read "
@@ -616,7 +619,10 @@ def open_slide(path: Path | Sequence[Path]) -> Slide:
     path = Path(path) if isinstance(path, (str, Path)) else [Path(p) for p in path]
     where = path if isinstance(path, Path) else f"{len(path)} files in {path[0].parent if path else '.'}"
     headers = {p: _read_header(p) for p in _dicom_files(path)}
-    changed = _validate(headers)
+    changed = validate_headers(headers)
+    for file, ds in headers.items():
+        with _about(file):
+            _check_complete(file, ds)
     headers = _unique(headers)
     try:
         wsi = _open_wsidicom(headers, changed)
