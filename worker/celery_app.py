@@ -10,6 +10,13 @@ unacknowledged message after ``visibility_timeout``
 time limit and the longest retry backoff so a running or waiting slide is never
 handed out twice. A worker sweeps for such messages when it starts and then
 about every 100 s (kombu's ``unacked_restore_interval`` x ``unacked_restore_throttle``).
+A worker that dies mid-slide is noticed much sooner through the job lease
+(:mod:`worker.lease`): every worker's main process checks for expired
+leases every ``job_lease_renew_seconds`` and queues those jobs again.
+
+Every worker also serves ``/metrics`` and ``/health`` (:mod:`worker.metrics`)
+on ``worker_metrics_port`` from its main process, in prometheus-client's
+multiprocess mode so the counts of prefork pool children are included.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import threading
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_init, worker_ready, worker_shutdown
 
 from worker.settings import Settings, get_settings
 
@@ -44,17 +51,41 @@ def make_app(settings: Settings) -> Celery:
 
 app = make_app(get_settings())
 _stop_flusher = threading.Event()
+#: The worker's metrics endpoint, once started (a list: set from a signal handler).
+_metrics_server: list = []
+
+
+@celeryd_init.connect
+def _metrics_store(**_: object) -> None:
+    """Before task modules are imported and the pool forks: an empty multiprocess metric store for this worker."""
+    from worker.metrics_store import use_private_store
+
+    use_private_store()
 
 
 @worker_ready.connect
-def _start_flusher(**_: object) -> None:
-    """Every worker process also retries the outbox, so results wait for the PACS, never get lost."""
+def _start_background(**_: object) -> None:
+    """Every worker's main process retries the outbox, re-queues jobs of lost workers and serves its metrics."""
     from worker.jobs import RedisJobStore, start_outbox_flusher
+    from worker.lease import Leases, start_sweeper
+    from worker.tasks import sweep_expired_leases
 
     settings = get_settings()
-    start_outbox_flusher(settings, RedisJobStore(settings.state_redis_url), _stop_flusher)
+    store = RedisJobStore(settings.state_redis_url)
+    start_outbox_flusher(settings, store, _stop_flusher)
+    leases = Leases(settings.state_redis_url, settings.job_lease_seconds)
+    start_sweeper(lambda: sweep_expired_leases(store, leases), settings.job_lease_renew_seconds, _stop_flusher)
+    if settings.metrics_enabled:
+        from worker.metrics import start_endpoint
+
+        _metrics_server.append(start_endpoint(settings, "worker", settings.worker_metrics_port))
 
 
 @worker_shutdown.connect
 def _stop(**_: object) -> None:
+    from worker.metrics_store import remove_private_store
+
     _stop_flusher.set()
+    for server in filter(None, _metrics_server):
+        server.shutdown()
+    remove_private_store()

@@ -28,6 +28,7 @@ from typing import Protocol
 from dicom_io.sender import Destination, Outbox
 from dicom_io.series_tracker import SeriesTracker, StableSeries
 from dicom_io.spool import SpoolPathError, checked_uid, instance_uids, write_atomic
+from worker import metrics
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
     if result.source.series_instance_uid != job.series_instance_uid:
         raise SlideError(f"spool folder of series {job.series_instance_uid} holds series "
                          f"{result.source.series_instance_uid}")
+    metrics.slide_scored(result.score.call.value, result.stats)
     series = job.series_instance_uid
     # Status first, files second: whichever flusher delivers them records its outcome after this.
     store.set_status(series, JobState.DELIVERING, f"results in the outbox for {settings.destination_aet}")
@@ -258,6 +260,7 @@ def _record_delivery(store: JobStore, series_uid: str, delivered: int, waiting: 
     """Record the outcome of sending one series' results (called under the outbox's series lock)."""
     if rejected:
         store.set_status(series_uid, JobState.PARKED, f"result refused by the destination: {rejected}")
+        metrics.slide_failed(metrics.RESULT_REFUSED)
         return JobState.PARKED
     if waiting:
         store.set_status(series_uid, JobState.DELIVERING, f"{waiting} result instance(s) still in the outbox")

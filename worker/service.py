@@ -17,6 +17,7 @@ from dicom_io.errors import SlideError
 from dicom_io.listener import start_listener
 from dicom_io.series_tracker import SeriesTracker
 from dicom_io.spool import remove_partial_files
+from worker import metrics
 from worker.jobs import Enqueue, Job, JobState, JobStore, dispatch_stable, run_job, start_outbox_flusher
 from worker.settings import Settings
 
@@ -38,7 +39,7 @@ def run_listener(settings: Settings, store: JobStore, enqueue: Enqueue, stop: th
     tick = min(1.0, settings.stable_seconds / 4)
     try:
         while not stop.wait(tick):
-            dispatch_stable(tracker, store, enqueue)
+            metrics.SLIDES_RECEIVED.inc(len(dispatch_stable(tracker, store, enqueue)))
     finally:
         server.shutdown()
         log.info("listener stopped")
@@ -59,14 +60,17 @@ def run_with_retries(job: Job, settings: Settings, store: JobStore, sleep=time.s
             return run_job(job, settings, store)
         except SlideError as exc:
             store.set_status(job.series_instance_uid, JobState.FAILED, f"not scorable: {exc}")
+            metrics.slide_failed(metrics.NOT_SCORABLE)
             return JobState.FAILED
         except Exception as exc:  # any fault: retry, then park with the reason
             reason = f"{type(exc).__name__}: {exc}"[:500]
             if attempt >= settings.task_max_retries:
                 store.set_status(job.series_instance_uid, JobState.PARKED,
                                  f"gave up after {attempt} retries: {reason}")
+                metrics.slide_failed(metrics.GAVE_UP)
                 return JobState.PARKED
             store.set_status(job.series_instance_uid, JobState.RETRYING, f"attempt {attempt + 1} failed: {reason}")
+            metrics.job_retried(metrics.FAULT)
             sleep(min(2 ** attempt, settings.task_retry_backoff_max))
             attempt += 1
 

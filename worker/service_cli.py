@@ -47,13 +47,21 @@ def _service_logging() -> None:
 
 def cmd_listen(args: argparse.Namespace) -> int:
     from worker.jobs import RedisJobStore
+    from worker.lease import Leases, start_sweeper
+    from worker.metrics import start_endpoint
     from worker.service import celery_enqueue, run_listener
+    from worker.tasks import sweep_expired_leases
 
     _share_config(args)
     settings = _settings(args)
     _service_logging()
     preflight(settings)
-    run_listener(settings, RedisJobStore(settings.state_redis_url), celery_enqueue, _stop_on_signals())
+    store, stop = RedisJobStore(settings.state_redis_url), _stop_on_signals()
+    if settings.metrics_enabled:
+        start_endpoint(settings, "listener", settings.listener_metrics_port)
+    leases = Leases(settings.state_redis_url, settings.job_lease_seconds)  # jobs of lost workers go back in the queue
+    start_sweeper(lambda: sweep_expired_leases(store, leases), settings.job_lease_renew_seconds, stop)
+    run_listener(settings, store, celery_enqueue, stop)
     return 0
 
 

@@ -10,6 +10,11 @@ A prefork pool child that dies mid-slide (killed, out of memory) counts as a
 failed attempt too (``retry_on_worker_lost``): the worker's main process
 retries the job after a short delay and parks it after the last retry, so a
 slide that kills its child every time is not requeued forever.
+
+Each attempt runs under a job lease (:mod:`worker.lease`): a worker that dies
+as a whole (solo pool, host lost) stops renewing it, and within about
+``job_lease_seconds`` another worker or the listener queues the job again
+(:func:`sweep_expired_leases`), long before the broker's visibility timeout.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from celery import Task
 from celery.signals import task_failure
 
 from dicom_io.errors import SlideError
+from worker import metrics
 from worker.celery_app import app
-from worker.jobs import Job, JobState, RedisJobStore, run_job
+from worker.jobs import Job, JobState, JobStore, RedisJobStore, run_job
+from worker.lease import Attempt, Leases, requeue_expired, run_leased
 from worker.settings import get_settings
 
 _settings = get_settings()
@@ -34,6 +41,7 @@ class SlideTask(Task):
     """Records retries and final failures in the job store."""
 
     _store: RedisJobStore | None = None
+    _leases: Leases | None = None
 
     @property
     def store(self) -> RedisJobStore:
@@ -41,14 +49,31 @@ class SlideTask(Task):
             self._store = RedisJobStore(_settings.state_redis_url)
         return self._store
 
+    @property
+    def leases(self) -> Leases:
+        if self._leases is None:
+            self._leases = Leases(_settings.state_redis_url, _settings.job_lease_seconds)
+        return self._leases
+
+    def _end_lost_attempt(self, exc: BaseException, task_id: str | None) -> None:
+        """A pool child died holding the attempt's lease: end it here, in the main process, so no sweeper
+        queues it a second time (Celery queues the retry itself). A child that lived ended it itself."""
+        if isinstance(exc, WorkerLostError) and task_id:
+            self.leases.end(task_id, self.request.retries)
+
     def on_retry(self, exc, task_id, args, kwargs, einfo) -> None:
+        self._end_lost_attempt(exc, task_id)
+        metrics.job_retried(metrics.WORKER_LOST if isinstance(exc, WorkerLostError) else metrics.FAULT)
         self.store.set_status(args[1], JobState.RETRYING,
                               f"attempt {self.request.retries + 1} failed: {_reason(exc)}")
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        self._end_lost_attempt(exc, task_id)
         if isinstance(exc, SlideError):
+            metrics.slide_failed(metrics.NOT_SCORABLE)
             self.store.set_status(args[1], JobState.FAILED, f"not scorable: {exc}")
         else:
+            metrics.slide_failed(metrics.GAVE_UP)
             self.store.set_status(args[1], JobState.PARKED,
                                   f"gave up after {self.request.retries} retries: {_reason(exc)}")
 
@@ -67,12 +92,25 @@ class SlideTask(Task):
     default_retry_delay=min(60, _settings.task_retry_backoff_max),  # after a lost pool child
 )
 def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str) -> str:
-    """Score the spooled series and send its results; returns the final job state."""
-    return run_job(Job(series_dir, series_instance_uid), _settings, self.store).value
+    """Score the spooled series and send its results; returns the final job state ("stale"/"busy": skipped)."""
+    attempt = Attempt(self.request.id, self.request.retries, series_instance_uid, tuple(self.request.args))
+    return run_leased(self.leases, attempt, _settings.job_lease_renew_seconds,
+                      lambda: run_job(Job(series_dir, series_instance_uid), _settings, self.store).value)
+
+
+def requeue(attempt: Attempt) -> None:
+    """Queue ``attempt`` of a job whose worker was lost: same task id, ``retries`` = its number."""
+    score_slide.apply_async(args=attempt.args, task_id=attempt.task_id, retries=attempt.number)
+
+
+def sweep_expired_leases(store: JobStore, leases: Leases) -> list[Attempt]:
+    """Queue again (or park) every job whose worker stopped renewing its lease; run by workers and the listener."""
+    return requeue_expired(leases, store, _settings.task_max_retries, _settings.job_lease_seconds, requeue)
 
 
 @task_failure.connect
-def _park_after_lost_workers(sender: Task, exception: BaseException, args, **_: object) -> None:
+def _park_after_lost_workers(sender: Task, exception: BaseException, args, task_id: str | None = None,
+                             **_: object) -> None:
     """The last attempt's pool child died: Celery reports it in the main process, where ``on_failure`` is not called."""
     if sender.name == score_slide.name and isinstance(exception, WorkerLostError):
-        sender.on_failure(exception, None, args, {}, None)
+        sender.on_failure(exception, task_id, args, {}, None)

@@ -34,7 +34,9 @@ class Stack:
         return service_env(self.redis, self.root, self.listener_port, self.orthanc.dicom_port, **extra)
 
     def start_listener(self, **extra: str) -> Server:
+        port = int(extra.setdefault("HER2_LISTENER_METRICS_PORT", str(free_port())))
         server = Server("her2 listen", her2("listen"), self.root / "listener.log", self.env(**extra)).start()
+        server.metrics_port = port
         self.servers.append(server)
         wait_until(lambda: server.check_alive() or port_open(self.listener_port), 60, "the listener's port")
         return server
@@ -52,9 +54,11 @@ class Stack:
     def start_worker(self, pool: str = "solo", index: int = 0, **extra: str) -> Server:
         """A Celery worker; give each of several workers its own ``index`` (node name, log file)."""
         suffix = f"-{index}" if index else ""
+        port = int(extra.setdefault("HER2_WORKER_METRICS_PORT", str(free_port())))
         server = Server(f"her2 worker{suffix}",
                         her2("worker", "--pool", pool, "--hostname", f"her2-{self.listener_port}{suffix}@%h"),
                         self.root / f"worker{suffix}.log", self.env(**extra)).start()
+        server.metrics_port = port
         self.servers.append(server)
         wait_until(lambda: server.check_alive() or "ready." in server.log(), 90, "the Celery worker to be ready")
         return server

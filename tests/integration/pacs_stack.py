@@ -91,6 +91,8 @@ class Server:
                  cwd: Path = REPO) -> None:
         self.name, self.argv, self.log_path, self.env, self.cwd = name, argv, log_path, env, cwd
         self.proc: subprocess.Popen | None = None
+        #: Port of our processes' /metrics and /health endpoint (set by the stack that starts them).
+        self.metrics_port: int | None = None
 
     def start(self) -> Server:
         with open(self.log_path, "ab") as log:
