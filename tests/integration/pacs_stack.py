@@ -260,6 +260,29 @@ def associate(port: int, calling: str = TEST_AET, contexts=(VLWholeSlideMicrosco
     return ae.associate("127.0.0.1", port, ae_title=LISTENER_AET, evt_handlers=list(handlers), tls_args=tls_args)
 
 
+def scrape(port: int) -> dict[str, float]:
+    """Samples of one of our /metrics endpoints, keyed ``name`` or ``name{label="value",...}`` (labels sorted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def health(port: int) -> tuple[int, dict]:
+    """HTTP status and JSON body of one of our /health endpoints."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
 def her2(*args: str) -> list[str]:
     return [sys.executable, "-m", "worker.cli", "-v", *args]
 
