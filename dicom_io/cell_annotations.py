@@ -25,7 +25,8 @@ Coded concepts of each group (Annotation Group Sequence, PS3.3 C.37.1.2):
 Annotated Property Category            (91723000, SCT) "Anatomical Structure"
                                        (CID 7150 Segmentation Property Categories)
 Annotated Property Type                one local code per class, a tumour cell by its
-                                       membrane pattern: (HER2CELL0..3, 99HER2), e.g.
+                                       membrane pattern (:data:`dicom_io.codes.CELL_CLASS_CODES`):
+                                       (HER2CELL0..3, 99HER2), e.g.
                                        (HER2CELL1, 99HER2) "Tumor cell with faint
                                        incomplete HER2 membrane staining" (CID 8135
                                        has only "Cell" and "Nucleus", and the
@@ -34,6 +35,8 @@ Annotated Property Type                one local code per class, a tumour cell b
 Annotation Group Label                 "HER2 <class> tumour cells" (not the bare
                                        class, so :func:`dicom_io.annotations.group_class`
                                        does not take cells for training regions)
+Recommended Display CIELab Value       the class colour (:data:`dicom_io.codes.CLASS_COLOURS`,
+                                       as in the PNG overlays and the heatmap SEG)
 Per-cell measurements (optional)       see :data:`CELL_MEASUREMENTS`
 =====================================  =============================================
 
@@ -66,7 +69,14 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import MicroscopyBulkSimpleAnnotationsStorage
 
-from dicom_io.codes import LOCAL_SCHEME, NO_UNITS, local_scheme_item
+from dicom_io.codes import (
+    CELL_CLASS_CODES,
+    CLASS_PATTERNS,
+    LOCAL_SCHEME,
+    NO_UNITS,
+    display_colour,
+    local_scheme_item,
+)
 from dicom_io.result_header import (
     NOT_FOR_CLINICAL_USE,
     AlgorithmInfo,
@@ -82,20 +92,6 @@ ANN_SERIES_DESCRIPTION = "HER2 IHC AI cells - research use, not for clinical use
 ANN_CONTENT_LABEL = "HER2_CELLS"
 
 CELL_CATEGORY = CodedConcept.from_code(codes.SCT.AnatomicalStructure)
-#: HER2 class -> its ASCO/CAP membrane staining pattern.
-CELL_CLASS_PATTERNS: dict[str, str] = {
-    "0": "no membrane staining",
-    "1+": "faint incomplete membrane staining",
-    "2+": "weak to moderate complete membrane staining",
-    "3+": "intense complete membrane staining",
-}
-#: HER2 class -> Annotated Property Type of its group (a tumour cell with that pattern).
-CELL_CLASS_CODES: dict[str, CodedConcept] = {
-    c: CodedConcept(f"HER2CELL{i}", LOCAL_SCHEME,
-                    "Tumor cell without HER2 membrane staining" if c == "0"
-                    else f"Tumor cell with {CELL_CLASS_PATTERNS[c].replace('membrane', 'HER2 membrane')}")
-    for i, c in enumerate(CLASSES)
-}
 
 
 @dataclass(frozen=True)
@@ -175,7 +171,6 @@ def build_cell_annotations(
     classes: np.ndarray,
     algorithm: AlgorithmInfo,
     measurements: Mapping[str, np.ndarray] | None = None,
-    colours: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> MicroscopyBulkSimpleAnnotations:
     """Build the classified tumour cells as a Microscopy Bulk Simple Annotations object.
 
@@ -212,9 +207,6 @@ def build_cell_annotations(
         Optional per-cell values keyed by :data:`CELL_MEASUREMENTS` names
         (``"completeness"`` in 0..1, ``"intensity"`` DAB OD in 0..5), each
         (N,) float in the order of ``centroids``; NaN where a cell has no value.
-    colours: Mapping[str, tuple[int, int, int]] | None
-        Optional sRGB (0-255) display colour per class (e.g. the overlay PNG's
-        legend), written as Recommended Display CIELab Value of its group.
 
     Returns
     -------
@@ -246,9 +238,6 @@ def build_cell_annotations(
                          values=np.asarray(values, dtype=np.float64)[members])
             for key, values in measurements.items()
         ] or None
-        colour = None
-        if colours is not None and name in colours:
-            colour = hd.color.CIELabColor.from_rgb(*(int(v) for v in colours[name]))
         group = AnnotationGroup(
             number=len(groups) + 1,
             uid=derived_uid("annotation-group", uids.ann, name),
@@ -260,8 +249,8 @@ def build_cell_annotations(
             algorithm_type="AUTOMATIC",
             algorithm_identification=algorithm.segment_identification(),
             measurements=group_measurements,
-            description=f"tumour cells with {CELL_CLASS_PATTERNS[name]} (HER2 IHC {name} pattern)",
-            display_color=colour,
+            description=f"tumour cells with {CLASS_PATTERNS[name]} (HER2 IHC {name} pattern)",
+            display_color=display_colour(name),
         )
         groups.append(group)
     ann = MicroscopyBulkSimpleAnnotations(

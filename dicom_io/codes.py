@@ -37,6 +37,24 @@ Finding type / category                 (108369006, SCT) "Tumor" /
                                         abnormal structure"
 ======================================  =========================================
 
+Each class also has its own property type, so a viewer's legend tells the
+classes apart by code and not only by label, and one display colour
+(:data:`CLASS_COLOURS`):
+
+======================================  =========================================
+Heatmap SEG segment (PS3.3 C.8.20.2)    category (49755003, SCT); type one local
+                                        code per class (:data:`TILE_CLASS_CODES`),
+                                        e.g. (HER2TILE1, 99HER2) "Tumor region
+                                        with HER2 IHC 1+ staining"
+Cell ANN group (PS3.3 C.37.1.2)         category (91723000, SCT) "Anatomical
+                                        Structure"; type (HER2CELL0..3, 99HER2),
+                                        a tumour cell by its membrane pattern
+                                        (:data:`CELL_CLASS_CODES`; CID 8135 has
+                                        only "Cell" and "Nucleus")
+Recommended Display CIELab Value        :data:`CLASS_COLOURS` (sRGB), also the
+                                        colours of the PNG overlays' legends
+======================================  =========================================
+
 ``99HER2`` is a local coding scheme (the "99" prefix is reserved for local
 schemes, PS3.3 8.2) declared in the Coding Scheme Identification Sequence
 (SOP Common Module, PS3.3 C.12.1) of every object that uses it
@@ -45,6 +63,7 @@ schemes, PS3.3 8.2) declared in the Coding Scheme Identification Sequence
 
 from __future__ import annotations
 
+import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
@@ -99,3 +118,35 @@ MEMBRANE_CONNECTIVITY = CodedConcept("CONNECT", LOCAL_SCHEME, "HER2 membrane con
 SLIDE_CALL_GRADER = CodedConcept("DECIDES", LOCAL_SCHEME, "Grader made the slide call")
 CELLS = CodedConcept("{cells}", "UCUM", "cells")
 NO_UNITS = CodedConcept("1", "UCUM", "no units")
+
+#: Display colour (sRGB, 0-255) per HER2 class: 0 blue, 1+ yellow, 2+ orange, 3+ red. The one home of
+#: the class colours: PNG overlay legends, heatmap SEG segments, cell ANN groups.
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    "0": (60, 110, 220), "1+": (240, 220, 40), "2+": (245, 140, 20), "3+": (215, 30, 30),
+}
+
+
+def display_colour(name: str) -> hd.color.CIELabColor:
+    """Recommended Display CIELab Value (PS3.3 C.10.7.1.1) of class ``name``: :data:`CLASS_COLOURS` in CIELab."""
+    return hd.color.CIELabColor.from_rgb(*CLASS_COLOURS[name])
+
+
+#: HER2 class -> its ASCO/CAP membrane staining pattern.
+CLASS_PATTERNS: dict[str, str] = {
+    "0": "no membrane staining",
+    "1+": "faint incomplete membrane staining",
+    "2+": "weak to moderate complete membrane staining",
+    "3+": "intense complete membrane staining",
+}
+#: HER2 class -> Annotated Property Type of its cell group (a tumour cell with that pattern).
+CELL_CLASS_CODES: dict[str, CodedConcept] = {
+    c: CodedConcept(f"HER2CELL{i}", LOCAL_SCHEME,
+                    "Tumor cell without HER2 membrane staining" if c == "0"
+                    else f"Tumor cell with {CLASS_PATTERNS[c].replace('membrane', 'HER2 membrane')}")
+    for i, c in enumerate(CLASSES)
+}
+#: HER2 class -> Segmented Property Type of its heatmap segment (tumour tiles the tile grader gives that class).
+TILE_CLASS_CODES: dict[str, CodedConcept] = {
+    c: CodedConcept(f"HER2TILE{i}", LOCAL_SCHEME, f"Tumor region with HER2 IHC {c} staining")
+    for i, c in enumerate(CLASSES)
+}

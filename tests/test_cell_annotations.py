@@ -20,11 +20,11 @@ from test_results import dciodvfy_report, roundtrip, to_file, wsm_level
 from dicom_io.cell_annotations import (
     ANN_SERIES_NUMBER,
     CELL_CATEGORY,
-    CELL_CLASS_CODES,
     CELL_MEASUREMENTS,
     build_cell_annotations,
     read_cell_annotations,
 )
+from dicom_io.codes import CELL_CLASS_CODES, CLASS_COLOURS
 from dicom_io.result_header import AlgorithmInfo
 from dicom_io.uids import result_uids
 from worker.aggregate import CLASSES
@@ -82,8 +82,7 @@ def ann(slide):
     centroids, classes = cells(slide[0])
     measurements = {"completeness": np.linspace(0, 1, len(classes)),
                     "intensity": np.where(np.arange(len(classes)) % 7 == 0, np.nan, 0.4)}
-    obj = build_cell_annotations(slide, slide[0], centroids, classes, GRADER, measurements=measurements,
-                                 colours={"0": (60, 110, 220), "3+": (215, 30, 30)})
+    obj = build_cell_annotations(slide, slide[0], centroids, classes, GRADER, measurements=measurements)
     return centroids, classes, measurements, obj, roundtrip(obj)
 
 
@@ -135,10 +134,10 @@ def test_groups_are_coded_per_class_with_algorithm_and_measurements(ann):
         members = classes == k
         np.testing.assert_allclose(values[:, 0], measurements["completeness"][members], atol=1e-6)
         np.testing.assert_array_equal(np.isnan(values[:, 1]), np.isnan(measurements["intensity"][members]))
-    # Recommended colours where given: 0 blue-ish, 3+ red-ish (CIELab b* < 0 vs a* > 0), none for 1+.
-    assert groups[0].RecommendedDisplayCIELabValue and groups[2].RecommendedDisplayCIELabValue
-    assert "RecommendedDisplayCIELabValue" not in groups[1]
-    assert hd.color.CIELabColor.from_dicom_value(groups[2].RecommendedDisplayCIELabValue).to_rgb() == (215, 30, 30)
+    # Each group in its class colour: the PNG legend's and the heatmap segment's (dicom_io.codes.CLASS_COLOURS).
+    for group, name in zip(groups, present):
+        rgb = hd.color.CIELabColor.from_dicom_value(group.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.abs(np.subtract(rgb, CLASS_COLOURS[name])).max() <= 1, (name, rgb)
     assert any(s.CodingSchemeDesignator == "99HER2" for s in ds.CodingSchemeIdentificationSequence)
 
 
@@ -165,8 +164,7 @@ def test_identity_references_and_uids(slide, ann):
 
 def test_output_is_deterministic(slide, ann):
     centroids, classes, measurements, obj, _ = ann
-    again = build_cell_annotations(slide, slide[0], centroids, classes, GRADER, measurements=measurements,
-                                   colours={"0": (60, 110, 220), "3+": (215, 30, 30)})
+    again = build_cell_annotations(slide, slide[0], centroids, classes, GRADER, measurements=measurements)
     obj = copy.deepcopy(obj)
 
     def drop_creation_times(ds: pydicom.Dataset) -> None:

@@ -16,6 +16,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage
@@ -23,15 +24,17 @@ from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStora
 from dicom_io.cell_annotations import build_cell_annotations
 from dicom_io.codes import (
     CELL_COUNT,
+    CLASS_COLOURS,
     CLASS_PERCENTAGE,
     HER2_SCORE,
     MEMBRANE_CONNECTIVITY,
     REFLEX_ISH,
     SLIDE_CALL_GRADER,
+    TILE_CLASS_CODES,
     TUMOUR_AREA,
 )
 from dicom_io.result_header import AlgorithmInfo
-from dicom_io.seg import build_heatmap
+from dicom_io.seg import build_heatmap, heatmap_grid
 from dicom_io.sr import (
     GraderResult,
     build_sr,
@@ -406,9 +409,15 @@ def test_heatmap_geometry(source, level, heatmap):
     assert len(ds.SegmentSequence) == 4
     assert [s.SegmentLabel for s in ds.SegmentSequence] == [f"HER2 IHC {c}" for c in CLASSES]
     assert all(s.SegmentAlgorithmName == ALGORITHM.name for s in ds.SegmentSequence)
-    assert (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == (GRID.rows, GRID.cols)
+    # On the grid of the coarsest level with >= 8 pixels per tile (4 um/px: 128 per 512 px tile), whose
+    # Pixel Spacing dicom-microscopy-viewer must find equal (within 1e-5 mm) among the slide's levels.
+    coarse = source[2]
+    assert (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == \
+        (coarse.TotalPixelMatrixRows, coarse.TotalPixelMatrixColumns) == (384, 512)
     spacing = [float(v) for v in ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
-    assert spacing == pytest.approx([TILE * SPACING_MM] * 2)
+    assert spacing == pytest.approx([4 * SPACING_MM] * 2, abs=1e-9)
+    assert spacing == pytest.approx([float(v) for v in
+                                     coarse.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing])
     for keyword in ("PatientID", "PatientName", "StudyInstanceUID"):
         assert ds[keyword].value == level[keyword].value
     uids = result_uids(SERIES_UID, [ds.SOPInstanceUID for ds in source], ALGORITHM.name, ALGORITHM.version)
@@ -418,31 +427,70 @@ def test_heatmap_geometry(source, level, heatmap):
     assert ds.ContentDescription.endswith("not for clinical use")  # whole, not cut at 64 characters
 
 
+def test_heatmap_segments_are_coded_and_coloured_per_class(heatmap):
+    """Each segment has its own property type and the class colour of the PNG legend and the ANN."""
+    *_, ds = heatmap
+    for k, (segment, name) in enumerate(zip(ds.SegmentSequence, CLASSES)):
+        assert segment.SegmentNumber == k + 1
+        assert CodedConcept.from_dataset(segment.SegmentedPropertyTypeCodeSequence[0]) == TILE_CLASS_CODES[name]
+        assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+        rgb = hd.color.CIELabColor.from_dicom_value(segment.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.abs(np.subtract(rgb, CLASS_COLOURS[name])).max() <= 1, (name, rgb)
+    assert len({s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in ds.SegmentSequence}) == 4
+    assert len({tuple(s.RecommendedDisplayCIELabValue) for s in ds.SegmentSequence}) == 4
+    assert [s.CodingSchemeDesignator for s in ds.CodingSchemeIdentificationSequence] == ["99HER2"]
+
+
 def test_heatmap_probabilities_read_back(heatmap):
+    """Every heatmap pixel holds its tile's probabilities: 128 x 128 pixels per tile here."""
     score, _, ds = heatmap
     seg = hd.seg.Segmentation.from_dataset(ds)
-    expected = np.nan_to_num(score.probabilities)
-    for k in range(len(CLASSES)):
-        tpm = seg.get_total_pixel_matrix(segment_numbers=[k + 1], combine_segments=False)
-        assert tpm.shape[:2] == (GRID.rows, GRID.cols)
-        assert np.abs(tpm[..., 0] - expected[..., k]).max() <= 1 / 255 + 1e-6
+    k = TILE // 4
+    expected = np.repeat(np.repeat(np.nan_to_num(score.probabilities), k, axis=0), k, axis=1)
+    for c in range(len(CLASSES)):
+        tpm = seg.get_total_pixel_matrix(segment_numbers=[c + 1], combine_segments=False)
+        assert tpm.shape[:2] == (GRID.rows * k, GRID.cols * k)
+        assert np.abs(tpm[..., 0] - expected[..., c]).max() <= 1 / 255 + 1e-6
     # Unscored tiles are 0 in every segment.
     tpm = seg.get_total_pixel_matrix(combine_segments=False)
-    assert np.all(tpm[0, 0] == 0) and np.all(tpm[2, 3] == 0)
+    assert np.all(tpm[:k, :k] == 0) and np.all(tpm[2 * k:, 3 * k:] == 0)
+    assert tpm[k:2 * k, k:2 * k].sum(axis=-1).min() > 0.9
 
 
-def test_heatmap_pixels_sit_on_tile_centres(level, heatmap):
-    """Slide position of heatmap pixel (r, c) = slide position of the centre of tile (r, c)."""
+def test_heatmap_pixels_cover_their_tiles(level, heatmap):
+    """Heatmap pixel (r, c) sits at the centre of scored-level pixels [4r, 4r+4) x [4c, 4c+4), inside tile (r//128, c//128)."""
     _, _, ds = heatmap
     heat = hd.spatial.PixelToReferenceTransformer.for_image(ds, for_total_pixel_matrix=True)
     src = hd.spatial.ImageToReferenceTransformer.for_image(level, for_total_pixel_matrix=True)
-    rows, cols = np.mgrid[0:GRID.rows, 0:GRID.cols]
+    rows, cols = np.mgrid[0:384:37, 0:512:41]
     heat_pos = heat(np.stack([cols.ravel(), rows.ravel()], axis=1))
-    centres = src(np.stack([(cols.ravel() + 0.5) * TILE, (rows.ravel() + 0.5) * TILE], axis=1).astype(float))
+    centres = src(np.stack([(cols.ravel() + 0.5) * 4, (rows.ravel() + 0.5) * 4], axis=1).astype(float))
     assert np.allclose(heat_pos, centres, atol=1e-6)
+    # Tile edges are heatmap pixel edges: heatmap image point (128, 256) is scored-level point (512, 1024).
+    heat_image = hd.spatial.ImageToReferenceTransformer.for_image(ds, for_total_pixel_matrix=True)
+    assert np.allclose(heat_image(np.array([[128.0, 256.0]])), src(np.array([[512.0, 1024.0]])), atol=1e-6)
     # And the per-frame plane positions written by highdicom agree with the same mapping.
     frame1 = hd.spatial.PixelToReferenceTransformer.for_image(ds, frame_number=1)
-    assert np.allclose(frame1(np.array([[0, 0]])), centres[:1], atol=1e-6)
+    assert np.allclose(frame1(np.array([[0, 0]])), src(np.array([[2.0, 2.0]])), atol=1e-6)
+
+
+def test_heatmap_grid_follows_a_slide_level_or_falls_back(source, level):
+    """The heatmap takes the grid of the coarsest fitting level; without one, 8 pixels per tile."""
+    chosen = heatmap_grid(source, level, TILE)
+    assert (chosen.step, chosen.rows, chosen.cols, chosen.level) == (4, 384, 512, source[2].SOPInstanceUID)
+    # 64 px tiles: the 4 um level would give 16 px per tile, the 2 um one 32: the coarsest wins.
+    assert heatmap_grid(source, level, 64).level == source[2].SOPInstanceUID
+    # 16 px tiles: only the 2 um level keeps 8 px per tile.
+    assert heatmap_grid(source, level, 16).level == source[1].SOPInstanceUID
+    alone = heatmap_grid([level], level, TILE)
+    assert (alone.step, alone.rows, alone.cols, alone.level) == (64, 24, 32, None)
+    shifted = copy.deepcopy(source[2])
+    shifted.TotalPixelMatrixOriginSequence[0].XOffsetInSlideCoordinateSystem += 0.1  # 25 of its pixels off
+    assert heatmap_grid([level, source[1], shifted], level, TILE).level is None
+    odd = wsm_level(2048 // 3, 1536 // 3, SPACING_MM * 3, instance=9)  # 3 does not divide 512
+    assert heatmap_grid([level, odd], level, TILE).level is None
+    thumbnail = wsm_level(512, 384, SPACING_MM * 4, instance=8, image_type=("DERIVED", "PRIMARY", "THUMBNAIL", "NONE"))
+    assert heatmap_grid([level, thumbnail], level, TILE).level is None
 
 
 def test_heatmap_is_readable_from_file_and_idempotent(source, level, heatmap, tmp_path):
@@ -491,24 +539,30 @@ def test_dciodvfy_finds_no_errors(source, level, tmp_path, kind):
 
 
 def test_multi_frame_heatmap_frames_sit_on_their_tiles(source, level):
-    """A heatmap wider than one frame: every frame's Plane Position is the centre of its first tile."""
+    """A heatmap wider than one frame: every frame's Plane Position is the centre of its first pixel.
+
+    2 px tiles: no level keeps 8 pixels per tile, so the heatmap falls back to the scored level's own grid
+    (the finest step that divides the tile), 2 x 2 heatmap pixels per tile.
+    """
     grid = TileGrid(rows=600, cols=700, tile_size=2, pixel_spacing_mm=(SPACING_MM, SPACING_MM))
     probabilities = np.full((grid.rows, grid.cols, len(CLASSES)), 0.25, np.float32)
     score = SlideScore(call=SlideCall.ONE, percentages={c: 25.0 for c in CLASSES}, grid=grid,
                        probabilities=probabilities, tumour_fraction=np.ones((grid.rows, grid.cols), np.float32),
                        scored=np.ones((grid.rows, grid.cols), bool))
     ds = roundtrip(build_heatmap(source, level, score, ALGORITHM))
-    assert (ds.Rows, ds.Columns) == (512, 512) and (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == (600, 700)
+    assert (ds.Rows, ds.Columns) == (512, 512) and (ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns) == (1536, 2048)
     src = hd.spatial.ImageToReferenceTransformer.for_image(level, for_total_pixel_matrix=True)
     seen = set()
     for frame in range(1, int(ds.NumberOfFrames) + 1):
         position = hd.spatial.PixelToReferenceTransformer.for_image(ds, frame_number=frame)(np.array([[0, 0]]))[0]
         item = ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSlideSequence[0]
         r0, c0 = item.RowPositionInTotalImagePixelMatrix - 1, item.ColumnPositionInTotalImagePixelMatrix - 1
-        centre = src(np.array([[(c0 + 0.5) * grid.tile_size, (r0 + 0.5) * grid.tile_size]]))[0]
+        centre = src(np.array([[c0 + 0.5, r0 + 0.5]]))[0]
         assert np.allclose(position, centre, atol=1e-6)
         seen.add((r0, c0))
-    assert seen == {(0, 0), (0, 512), (512, 0), (512, 512)}
+    assert seen == {(r, c) for r in (0, 512, 1024) for c in (0, 512, 1024, 1536)}
+    tpm = hd.seg.Segmentation.from_dataset(ds).get_total_pixel_matrix(combine_segments=False)
+    assert np.all(np.abs(tpm[:1200, :1400] - 0.25) <= 1 / 255) and not tpm[1200:].any() and not tpm[:, 1400:].any()
 
 
 # --- two graders, references to SEG and ANN (issues 12 and 14) ---------------------------------------

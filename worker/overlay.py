@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dicom_io.codes import CLASS_COLOURS
 from worker.aggregate import CLASSES, SlideScore
 from worker.membrane import CellTable
 
-#: Colour per class: 0 blue, 1+ yellow, 2+ orange, 3+ red.
-CLASS_COLOURS = np.array([(60, 110, 220), (240, 220, 40), (245, 140, 20), (215, 30, 30)], np.float32)
+#: Colour per class index (:data:`dicom_io.codes.CLASS_COLOURS`, as in the SEG and the ANN).
+_COLOURS = np.array([CLASS_COLOURS[c] for c in CLASSES], np.float32)
 
 
 def overlay_image(thumbnail: np.ndarray, score: SlideScore, level_px_per_thumb_px: float,
@@ -27,7 +28,7 @@ def overlay_image(thumbnail: np.ndarray, score: SlideScore, level_px_per_thumb_p
     weight = np.zeros((grid.rows, grid.cols), np.float32)
     if score.scored.any():
         cls = np.argmax(np.where(score.scored[..., None], np.nan_to_num(score.probabilities), -1.0), axis=-1)
-        colours = CLASS_COLOURS[cls]
+        colours = _COLOURS[cls]
         weight = np.where(score.scored, alpha * np.clip(0.3 + score.tumour_fraction, 0, 1), 0.0)
     # Each thumbnail pixel takes the value of the tile under its centre.
     ri = np.clip(((np.arange(h) + 0.5) * level_px_per_thumb_px // grid.tile_size).astype(int), 0, grid.rows - 1)
@@ -50,7 +51,7 @@ def _legend(image: Image.Image, title: str, lines: list[str], ring: bool) -> Ima
     draw.text((6, y), title, fill="black")
     for k, line in enumerate(lines):
         y += 22
-        colour = tuple(int(v) for v in CLASS_COLOURS[k])
+        colour = CLASS_COLOURS[CLASSES[k]]
         if ring:
             draw.ellipse((6, y, 20, y + 14), outline=colour, width=3)
         else:
@@ -71,14 +72,14 @@ OTHER_CELL_COLOUR = (150, 150, 150)
 def cell_field_image(rgb: np.ndarray, cells: CellTable, radius: int = 6) -> Image.Image:
     """One graded field with a ring per detected cell, coloured by its membrane class, and a legend.
 
-    Tumour cells get their class colour (:data:`CLASS_COLOURS`, as in the
+    Tumour cells get their class colour (:data:`dicom_io.codes.CLASS_COLOURS`, as in the
     thumbnail overlay); cells left out by the tumour rule a small grey dot.
     """
     image = Image.fromarray(np.ascontiguousarray(rgb))
     draw = ImageDraw.Draw(image)
     for (x, y), tumour, cls in zip(cells.centroids, cells.tumour, cells.cell_class):
         if tumour:
-            colour = tuple(int(v) for v in CLASS_COLOURS[cls])
+            colour = CLASS_COLOURS[CLASSES[cls]]
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour, width=3)
         else:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=OTHER_CELL_COLOUR)

@@ -33,7 +33,7 @@ from dicom_io.wsi import LevelInfo, Slide, SourceIdentity, open_slide
 from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_call, category_distance, class_percentages
 from worker.cell_grading import MEMBRANE_GRADER, CellGrading, grade_membranes, membrane_grader_version
 from worker.inference import TileModel
-from worker.overlay import CLASS_COLOURS, write_cell_field, write_overlay
+from worker.overlay import write_cell_field, write_overlay
 from worker.settings import Settings
 from worker.preprocessing.tissue import glass_colour
 from worker.quality import QualityReport, check_graded, check_slide, check_stain
@@ -94,13 +94,14 @@ def load_model(model_path: Path, device: str, intra_op_threads: int, white_fract
     return TileModel(model_path, device, intra_op_threads, white_fraction_max, precision)
 
 
-def score_slide(series_dir: Path, settings: Settings, out_dir: Path | None = None,
+def score_slide(source: Path | Slide, settings: Settings, out_dir: Path | None = None,
                 progress: Callable[[int, int], None] | None = None) -> ScoringResult:
-    """Score the slide in ``series_dir``; write results to ``out_dir`` when given."""
+    """Score the slide in the folder or file ``source``, or one already opened (e.g. over DICOMweb, which this
+    closes); write results to ``out_dir`` when given."""
     started = time.perf_counter()
     single_threaded_blas()
     cells: CellGrading | None = None
-    with open_slide(series_dir) as slide:
+    with source if isinstance(source, Slide) else open_slide(source) as slide:
         model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
                            settings.white_fraction_max, settings.precision)
         survey = survey_slide(slide)
@@ -166,8 +167,7 @@ def result_objects(slide: Slide, level: LevelInfo, score: SlideScore, tiles: Sli
             evidence.append(build_cell_annotations(
                 slide.source_datasets, slide.level_dataset(cells.level.index), tumour.centroids + 0.5,
                 tumour.cell_class, membrane,
-                measurements={"completeness": tumour.completeness, "intensity": tumour.intensity},
-                colours=dict(zip(CLASSES, (tuple(int(v) for v in c) for c in CLASS_COLOURS)))))
+                measurements={"completeness": tumour.completeness, "intensity": tumour.intensity}))
     if tiles.call is SlideCall.NOT_ASSESSABLE:  # quality control stopped the slide before any grading
         graders = []
     deciding = {"cnn": 0, "membrane": 1}.get(decided_by) if graders else None
