@@ -33,7 +33,7 @@ from dicom_io.wsi import LevelInfo, Slide, SourceIdentity, open_slide
 from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_call, category_distance, class_percentages
 from worker.cell_grading import MEMBRANE_GRADER, CellGrading, grade_membranes, membrane_grader_version
 from worker.inference import TileModel
-from worker.overlay import CLASS_COLOURS, write_cell_field, write_overlay
+from worker.overlay import write_cell_field, write_overlay
 from worker.settings import Settings
 from worker.preprocessing.tissue import glass_colour
 from worker.quality import QualityReport, check_graded, check_slide, check_stain
@@ -167,8 +167,7 @@ def result_objects(slide: Slide, level: LevelInfo, score: SlideScore, tiles: Sli
             evidence.append(build_cell_annotations(
                 slide.source_datasets, slide.level_dataset(cells.level.index), tumour.centroids + 0.5,
                 tumour.cell_class, membrane,
-                measurements={"completeness": tumour.completeness, "intensity": tumour.intensity},
-                colours=dict(zip(CLASSES, (tuple(int(v) for v in c) for c in CLASS_COLOURS)))))
+                measurements={"completeness": tumour.completeness, "intensity": tumour.intensity}))
     if tiles.call is SlideCall.NOT_ASSESSABLE:  # quality control stopped the slide before any grading
         graders = []
     deciding = {"cnn": 0, "membrane": 1}.get(decided_by) if graders else None
