@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from dicom_io.dicomweb import DicomWebServer
     from worker.membrane import MembraneThresholds
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -134,6 +135,31 @@ class Settings(BaseSettings):
         "", description="Name checked against the destination's certificate (default: destination_host)."
     )
 
+    # --- DICOMweb: slides read and results stored without shared storage (PS3.18; dicom_io/dicomweb.py) ---
+    slide_source: Literal["spool", "dicomweb"] = Field(
+        "spool", description="What the listener keeps and where workers read slides: spool = whole instances in "
+        "spool_dir, shared with the workers; dicomweb = headers only (no Pixel Data), workers read the frames they "
+        "grade from dicomweb_url (WADO-RS), so they need no shared volume. Jobs carry their source: a worker reads "
+        "each job from where its listener said.")
+    result_delivery: Literal["cstore", "stow"] = Field(
+        "cstore", description="How results reach the PACS: cstore = C-STORE to destination_host/port/aet; stow = "
+        "STOW-RS to dicomweb_url, into the source study. Same outbox either way.")
+    dicomweb_url: str = Field(
+        "", description="DICOMweb service root of the PACS, e.g. http://orthanc:8042/dicom-web (https:// with "
+        "dicomweb_ca_file for TLS). Needed by slide_source dicomweb and result_delivery stow; credentials go in the "
+        "settings below, not in the URL.")
+    dicomweb_username: str = Field("", description="HTTP basic authentication user for dicomweb_url.")
+    dicomweb_password: SecretStr = Field(
+        SecretStr(""), description="HTTP basic authentication password (set it as HER2_DICOMWEB_PASSWORD; never "
+        "printed).")
+    dicomweb_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token for dicomweb_url instead of user and password (HER2_DICOMWEB_TOKEN; "
+        "never printed).")
+    dicomweb_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) that signs the DICOMweb server's HTTPS certificate (system trust store "
+        "when unset).")
+    dicomweb_timeout_seconds: float = Field(60.0, gt=0, description="Connect and read timeout of DICOMweb requests.")
+
     # --- queue ----------------------------------------------------------------
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
     result_backend: str = Field("redis://127.0.0.1:6379/1", description="Celery result backend (Redis).")
@@ -180,6 +206,16 @@ class Settings(BaseSettings):
         from worker.membrane import MembraneThresholds  # scipy/scikit-image: not for the listener's import
 
         return replace(MembraneThresholds(), **self.membrane_cutoffs)
+
+    def dicomweb_server(self) -> DicomWebServer:
+        """The DICOMweb server of ``dicomweb_url`` with its credentials, for :mod:`dicom_io.dicomweb`."""
+        from dicom_io.dicomweb import DicomWebServer
+
+        if not self.dicomweb_url:
+            raise ValueError("dicomweb_url is not set (needed by slide_source dicomweb and result_delivery stow)")
+        return DicomWebServer(self.dicomweb_url, self.dicomweb_username, self.dicomweb_password.get_secret_value(),
+                              self.dicomweb_token.get_secret_value(), self.dicomweb_ca_file,
+                              self.dicomweb_timeout_seconds)
 
     @field_validator("membrane_cutoffs")
     @classmethod
