@@ -1,11 +1,14 @@
-"""Deliver result objects to the PACS: an on-disk outbox drained by a C-STORE SCU.
+"""Deliver result objects to the PACS: an on-disk outbox drained by a C-STORE SCU or STOW-RS.
 
 Results are first written to the outbox (``<outbox>/<source SeriesUID>/<SOPInstanceUID>.dcm``,
-atomically), then sent; a file leaves the outbox only when the destination
-answered Success or a Warning (PS3.4 B.2.3). The outbox is therefore the
+atomically), then sent to a :class:`Destination` (C-STORE, PS3.4 Annex B) or a
+:class:`StowDestination` (STOW-RS, PS3.18 10.5, :mod:`dicom_io.dicomweb`); a
+file leaves the outbox only when the destination answered Success or a Warning
+(PS3.4 B.2.3; HTTP 200, or 202 without the instance among the failures). The outbox is therefore the
 source of truth: if the PACS is down, nothing is lost and a later
 :meth:`Outbox.flush` delivers it. A PACS that answers with a Failure status
-(a permanent refusal, e.g. 0xA9xx or 0xCxxx) would be refused again on every
+(a permanent refusal, e.g. 0xA9xx or 0xCxxx; over STOW-RS a 4xx other than
+401/403/404/408/429, or the instance listed as failed) would be refused again on every
 retry, so such a file is parked under ``<outbox>/.rejected/`` with the status in
 a ``.reason`` file beside it instead of being retried forever.
 
@@ -24,12 +27,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pydicom
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_io.dicomweb import LATER, STORED, DicomWebServer, StowSession
 from dicom_io.spool import checked_uid, write_atomic
 from dicom_io.tls import client_context
 
@@ -39,6 +44,19 @@ REJECTED = ".rejected"
 LOCK = ".lock"
 #: C-STORE statuses after which the instance is stored (PS3.4 B.2.3): Success and the Warnings.
 DELIVERED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+#: What sending one file came to, besides a rejection reason: stored, or keep it and try again later.
+DELIVERED, KEPT = "delivered", "kept"
+
+
+class Link(Protocol):
+    """A destination opened for one flush; ``broken`` says why it cannot take more now ("" while it can)."""
+
+    broken: str
+
+    def send(self, path: Path) -> str:
+        """Send one outbox file: :data:`DELIVERED`, :data:`KEPT` or the reason the destination refused it."""
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,85 @@ class Destination:
             tls_args = (context, settings.destination_tls_hostname or settings.destination_host)
         return cls(settings.destination_host, settings.destination_port, settings.destination_aet,
                    settings.ae_title, settings.dicom_timeout_seconds, tls_args)
+
+    @property
+    def name(self) -> str:
+        return f"{self.ae_title} at {self.host}:{self.port}" + (" (TLS)" if self.tls_args else "")
+
+    def connect(self, headers: list[Dataset]) -> Link:
+        """One association proposing the SOP classes and transfer syntaxes of ``headers`` (PS3.8 7.1)."""
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
+        for sop_class in sorted({h.SOPClassUID for h in headers}):
+            syntaxes = {h.file_meta.TransferSyntaxUID for h in headers if h.SOPClassUID == sop_class}
+            ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
+        return _Association(ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=self.tls_args),
+                            self.name)
+
+
+class _Association:
+    """A C-STORE SCU association as a :class:`Link`."""
+
+    def __init__(self, assoc, name: str) -> None:
+        self.assoc = assoc
+        self.opened = assoc.is_established
+        self.broken = "" if self.opened else f"no association with {name}"
+
+    def send(self, path: Path) -> str:
+        ds = pydicom.dcmread(path)
+        try:
+            response = self.assoc.send_c_store(ds)
+        except ValueError as exc:  # no presentation context accepted for this SOP class/transfer syntax
+            return f"destination accepts no presentation context: {exc}"
+        status = response.get("Status") if response else None
+        if not self.assoc.is_established:
+            self.broken = "association with the destination ended during delivery"
+        if status is None:
+            return KEPT
+        if status in DELIVERED_STATUSES:
+            log.info("delivered result %s (status 0x%04X)", ds.SOPInstanceUID, status)
+            return DELIVERED
+        return f"destination answered C-STORE status 0x{status:04X}"
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+
+@dataclass(frozen=True)
+class StowDestination:
+    """A DICOMweb server that receives results by STOW-RS (PS3.18 10.5), each under its own study."""
+
+    server: DicomWebServer
+
+    @property
+    def name(self) -> str:
+        return self.server.shown
+
+    def connect(self, headers: list[Dataset]) -> Link:
+        return _Stow(StowSession(self.server))
+
+
+class _Stow:
+    """A STOW-RS session as a :class:`Link`."""
+
+    def __init__(self, session: StowSession) -> None:
+        self.session = session
+
+    @property
+    def broken(self) -> str:
+        return self.session.broken
+
+    def send(self, path: Path) -> str:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        outcome = self.session.store(str(header.StudyInstanceUID), str(header.SOPInstanceUID), path.read_bytes())
+        if outcome == STORED:
+            log.info("delivered result %s (STOW-RS)", header.SOPInstanceUID)
+            return DELIVERED
+        return KEPT if outcome == LATER else outcome
+
+    def close(self) -> None:
+        self.session.close()
 
 
 @dataclass
@@ -138,49 +235,42 @@ class Outbox:
                     waiting[folder.name] = files
         return waiting
 
-    def flush(self, destination: Destination, source_series_uid: str | None = None,
+    def flush(self, destination: Destination | StowDestination, source_series_uid: str | None = None,
               on_series: SeriesCallback | None = None) -> FlushReport:
-        """Send what is waiting over one association; keep whatever was not acknowledged.
+        """Send what is waiting over one association (or STOW-RS session); keep whatever was not acknowledged.
 
         Each series is sent under an exclusive lock, so concurrent flushers
         (every worker runs one) never send the same file twice at once; a series
         locked by another flusher is skipped. ``on_series`` is told the outcome
         of each series sent, still under its lock, so job status is recorded in
-        the order the deliveries really happened. An unreachable destination or
-        an association that breaks off leaves the remaining files in place
-        (``report.unreachable`` says why); a Failure status parks that file
-        under ``.rejected``.
+        the order the deliveries really happened. An unreachable destination, an
+        association that breaks off or a DICOMweb server that is down or refuses
+        our credentials leaves the remaining files in place (``report.unreachable``
+        says why); a Failure status parks that file under ``.rejected``.
         """
         report = FlushReport()
         waiting = self.pending(source_series_uid)
         headers = {p: h for files in waiting.values() for p in files if (h := _header(p)) is not None}
         if not headers:
             return report
-        ae = AE(ae_title=destination.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = destination.timeout
-        for sop_class in sorted({h.SOPClassUID for h in headers.values()}):
-            syntaxes = {h.file_meta.TransferSyntaxUID for h in headers.values() if h.SOPClassUID == sop_class}
-            ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                             tls_args=destination.tls_args)
-        if not assoc.is_established:
-            report.unreachable = (f"no association with {destination.ae_title} at {destination.host}:{destination.port}"
-                                  + (" (TLS)" if destination.tls_args else ""))
-            report.waiting = {series: len(files) for series, files in waiting.items()}
-            log.warning("outbox: %s; %d instance(s) wait", report.unreachable, len(headers))
-            return report
+        link = destination.connect(list(headers.values()))
         try:
-            for series, files in waiting.items():
-                self._flush_series(assoc, series, files, report, on_series)
-                if not assoc.is_established:
-                    report.unreachable = "association with the destination ended during delivery"
-                    break
+            if not link.broken:
+                for series, files in waiting.items():
+                    self._flush_series(link, series, files, report, on_series)
+                    if link.broken:
+                        break
+            if link.broken:
+                report.unreachable = link.broken
+                for series, files in waiting.items():
+                    if series not in report.waiting and (left := sum(p.exists() for p in files)):
+                        report.waiting[series] = left
+                log.warning("outbox: %s; %d instance(s) wait", link.broken, sum(report.waiting.values()))
         finally:
-            if assoc.is_established:
-                assoc.release()
+            link.close()
         return report
 
-    def _flush_series(self, assoc, series: str, files: list[Path], report: FlushReport,
+    def _flush_series(self, link: Link, series: str, files: list[Path], report: FlushReport,
                       on_series: SeriesCallback | None) -> None:
         folder = self.root / series
         with _series_lock(folder) as mine:
@@ -188,12 +278,12 @@ class Outbox:
             if not mine or not present:
                 return
             for path in present:
-                if not assoc.is_established:
+                if link.broken:
                     break
-                outcome = self._send_one(assoc, path)
-                if outcome == "delivered":
+                outcome = self._send_one(link, path)
+                if outcome == DELIVERED:
                     report.delivered[series] = report.delivered.get(series, 0) + 1
-                elif outcome != "kept":
+                elif outcome != KEPT:
                     report.rejected[series] = outcome
             left = len(list(folder.glob("*.dcm")))
             if left:
@@ -211,23 +301,16 @@ class Outbox:
         except OSError:  # a new result arrived meanwhile: keep the folder
             pass
 
-    def _send_one(self, assoc, path: Path) -> str:
-        """C-STORE one outbox file: "delivered", "kept" (try again later) or a rejection reason."""
+    def _send_one(self, link: Link, path: Path) -> str:
+        """Send one outbox file: :data:`DELIVERED` (file removed), :data:`KEPT` or the reason it was parked."""
         if not path.exists():
-            return "kept"
-        ds = pydicom.dcmread(path)
-        try:
-            response = assoc.send_c_store(ds)
-        except ValueError as exc:  # no presentation context accepted for this SOP class/transfer syntax
-            return self._reject(path, f"destination accepts no presentation context: {exc}")
-        status = response.get("Status") if response else None
-        if status is None:
-            return "kept"
-        if status in DELIVERED_STATUSES:
+            return KEPT
+        outcome = link.send(path)
+        if outcome == DELIVERED:
             path.unlink()
-            log.info("delivered result %s (status 0x%04X)", ds.SOPInstanceUID, status)
-            return "delivered"
-        return self._reject(path, f"destination answered C-STORE status 0x{status:04X}")
+        elif outcome != KEPT:
+            self._reject(path, outcome)
+        return outcome
 
     def _reject(self, path: Path, reason: str) -> str:
         target = self.root / REJECTED / path.parent.name / path.name
