@@ -2,9 +2,9 @@
 
 ASCO/CAP defines the HER2 IHC score per invasive tumour **cell** (the share
 of tumour cells with complete or incomplete, faint / weak-moderate / intense
-membrane staining). Membranes are about 1-2 um wide, so cells are graded on
-fields read at :data:`FIELD_MPP_RANGE` (0.25-0.5 um/px, a 40x or 20x level),
-never at the CNN's 1 um/px. :func:`grade_membranes` reads only fields that lie
+membrane staining). Membranes are about 1.7-2 um wide, so cells are graded on
+fields at :data:`FIELD_MPP` (0.5 um/px, a 20x level, or resampled from a 40x
+one), never at the CNN's 1 um/px. :func:`grade_membranes` reads only fields that lie
 under the tissue tiles the CNN's tile grid already found, at most
 ``max_fields`` of them spread evenly over the slide (a bounded cost per slide,
 as a pathologist scores representative fields of a large section), grades
@@ -33,14 +33,16 @@ from worker.membrane import CellTable, MembraneSummary, MembraneThresholds, grad
 from worker.preprocessing import white_fraction
 from worker.tiles import PreparedSlide, Position, spread_indices
 
-#: Pixel spacings (um) at which membranes are graded: a ~1.7-2 um wide membrane spans 4-8 pixels.
-FIELD_MPP_RANGE = (0.25, 0.5)
-#: Side of one graded field in pixels (256 um at 0.25 um/px).
+#: Pixel spacing (um) at which membranes are graded: a ~1.7-2 um wide membrane spans ~4 pixels. One spacing for
+#: every slide, because the cut-offs were calibrated there (the real cores' 0.5 um/px level): the same core graded
+#: at 0.25 um/px called 6 points more of its cells 3+, so a pyramid's choice of levels would otherwise move the score.
+FIELD_MPP = 0.5
+#: Side of one graded field in pixels (512 um).
 FIELD_PX = 1024
 #: Name of the membrane grader in result objects (Algorithm Name, TID 4019).
 MEMBRANE_GRADER = "her2-membrane-grader"
 #: Its version; a change of method changes it, and with it the result UIDs.
-MEMBRANE_GRADER_VERSION = "1.0"
+MEMBRANE_GRADER_VERSION = "1.1"
 #: Fields whiter than this (glass, lumen) hold too few cells to be worth grading.
 FIELD_WHITE_MAX = 0.8
 
@@ -51,7 +53,7 @@ class CellGrading:
 
     ``tumour`` holds the graded **tumour** cells, their nucleus centres in
     pixels (column, row) of ``level``, the level the fields were read at (a
-    resampled one when the pyramid has none at 0.25-0.5 um/px).
+    resampled one when the pyramid has none at :data:`FIELD_MPP`).
     ``example`` is the graded field with the most tumour cells, its RGB
     pixels and cells, for the overlay a pathologist checks.
     """
@@ -79,17 +81,17 @@ def membrane_grader_version(thresholds: MembraneThresholds) -> str:
 
 
 def membrane_fields(slide: Slide) -> TileSource | None:
-    """Fields of :data:`FIELD_PX` at 0.25-0.5 um/px, or None when the slide has no level that fine.
+    """Fields of :data:`FIELD_PX` at :data:`FIELD_MPP`, or None when the slide has no level that fine.
 
-    The coarsest pyramid level within :data:`FIELD_MPP_RANGE` (fewest pixels
-    to read); without one, the finest end of the range resampled from a finer
-    level (:meth:`dicom_io.wsi.Slide.tile_source`).
+    The pyramid level within 15 % of :data:`FIELD_MPP`; without one (e.g. a
+    40x pyramid with 4x steps: 0.25, 1, 4 um/px), box-resampled from the
+    nearest finer level (:meth:`dicom_io.wsi.Slide.tile_source`), as a
+    pyramid's own 0.5 um/px level is made.
     """
-    low, high = FIELD_MPP_RANGE
-    if min(lvl.mpp for lvl in slide.levels) > high * 1.15:
+    tolerance = 0.15
+    if min(lvl.mpp for lvl in slide.levels) > FIELD_MPP * (1 + tolerance):
         return None
-    fitting = [lvl.mpp for lvl in slide.levels if low * 0.85 <= lvl.mpp <= high * 1.15]
-    return slide.tile_source(max(fitting) if fitting else high, FIELD_PX)
+    return slide.tile_source(FIELD_MPP, FIELD_PX, tolerance)
 
 
 def field_positions(prepared: PreparedSlide, level: LevelInfo, max_fields: int) -> list[Position]:

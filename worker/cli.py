@@ -118,7 +118,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     args.size, args.tumour_fraction, args.centre, args.patient_id = (2048.0, 1536.0), 0.7, "A", "DEMO-0001"
     args.mix = {"0": 0.35, "1+": 0.35, "2+": 0.2, "3+": 0.1}
-    args.magnification = 40  # both graders run: the membrane grader needs 0.25-0.5 um/px
+    args.magnification = 40  # both graders run: the membrane grader needs 0.5 um/px or finer
     slide_dir = args.out / "slide"
     args.out = slide_dir
     cmd_synth(args)

@@ -230,7 +230,7 @@ def conclude(tiles: SlideScore, cells: CellGrading | None, quality: QualityRepor
         decided_by = "cnn"
         score = replace(tiles, flags=tiles.flags + quality.flags)
         if cells is None and settings.membrane_grader:
-            score.flags.append("membrane grader not run: no pyramid level at 0.25-0.5 um/px (a 10x-only scan); "
+            score.flags.append("membrane grader not run: no pyramid level at 0.5 um/px or finer (a 10x-only scan); "
                                "the CNN made the call")
         elif cells is not None and cells.call is SlideCall.NOT_ASSESSABLE:
             score.flags.append("membrane grader found no tumour cells; the CNN made the call")

@@ -62,8 +62,8 @@ class Settings(BaseSettings):
     # --- membrane (cell) grader (see worker/membrane.py and worker/cell_grading.py) ----
     grader: Literal["membrane", "cnn"] = Field(
         "membrane", description="Which grader makes the slide call: the cell-level membrane grader (ASCO/CAP's "
-        "per-tumour-cell definition; needs a 0.25-0.5 um/px level, else the CNN decides) or the CNN tile grader. "
-        "Both run and both are reported.")
+        "per-tumour-cell definition; it grades at 0.5 um/px, so it needs a level that fine, else the CNN decides) or "
+        "the CNN tile grader. Both run and both are reported.")
     membrane_grader: bool = Field(
         True, description="Run the membrane grader (off: the CNN alone, no fine-level reads).")
     membrane_max_fields: int = Field(
