@@ -1,22 +1,40 @@
 """Training-time augmentation of normalised tiles (torch, batched, seeded).
 
 Flips and 90-degree rotations (labels are rotation invariant), brightness /
-contrast jitter, HED stain jitter and Gaussian blur (scanner focus).
+contrast jitter, HED stain jitter, a glass colour shift, Gaussian blur
+(scanner focus) and a random writer's codec.
 
 HED jitter works on the stain concentrations of the reference stain matrix
 (tiles are already normalised onto it): haematoxylin is scaled by
-``1 + N(0, h_sigma)``, DAB by ``1 + N(0, dab_sigma)``. ``dab_sigma`` is kept
-small on purpose: DAB intensity *is* the HER2 grade, and a large DAB jitter
-would turn 2+ tiles into 3+ ones (the same reason the normaliser keeps DAB on
-an absolute scale).
+``1 + N(0, h_sigma)``, DAB by ``1 + N(0, dab_sigma)``. The normaliser rescales
+haematoxylin to the reference per slide, but on the real HER2 cores its
+per-slide scale still spread 1.06-1.23 and synthetic slides 1.07-1.5, hence
+``h_sigma`` 0.2. ``dab_sigma`` stays small on purpose: DAB intensity *is*
+the HER2 grade (the normaliser keeps DAB on an absolute scale), and a large
+DAB jitter would turn 2+ tiles into 3+ ones; 0.06 covers the spread of
+real membranes of one grade around their median (2+ ISH-: p50 0.22, p90 0.37)
+only in part, on purpose. ``glass`` scales each channel by ``1 + U(-glass,
+glass)``: real glass reads ~(233, 232, 240), varying by a few levels per
+channel between slides.
+
+The codec: tiles arrive from PACS written by any tool - our writer's JPEG
+4:2:0, wsidicomizer's 4:4:4, 4:2:2 from scanners, or lossless (JPEG 2000,
+HTJ2K, uncompressed). With probability ``codec_p`` a tile is re-encoded as
+JPEG with one of the three chroma subsamplings at a quality in
+``jpeg_quality``; otherwise it stays as it came (lossless). Used with
+uncompressed training tiles (``SyntheticCohort.lossless_train``), the model
+never learns one writer's chroma.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from worker.preprocessing import REFERENCE
 
@@ -29,10 +47,13 @@ class Augment:
     rot90: bool = True
     brightness: float = 0.05
     contrast: float = 0.05
-    h_sigma: float = 0.10
-    dab_sigma: float = 0.03
+    h_sigma: float = 0.20
+    dab_sigma: float = 0.06
+    glass: float = 0.03
     blur_p: float = 0.3
     blur_sigma_max_px: float = 1.0
+    codec_p: float = 0.75
+    jpeg_quality: tuple[int, int] = (70, 95)
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n = x.shape[0]
@@ -47,6 +68,8 @@ class Augment:
         if self.h_sigma or self.dab_sigma:
             x = hed_jitter(x, 1 + self.h_sigma * torch.randn(n, generator=g),
                            1 + self.dab_sigma * torch.randn(n, generator=g))
+        if self.glass:
+            x = x * (1 + self.glass * (2 * torch.rand(n, 3, 1, 1, generator=g) - 1)).to(x.dtype)
         if self.brightness or self.contrast:
             b = 1 + self.brightness * (2 * torch.rand(n, generator=g) - 1)
             c = 1 + self.contrast * (2 * torch.rand(n, generator=g) - 1)
@@ -55,7 +78,27 @@ class Augment:
             x = torch.addcmul(mean * (b.view(-1, 1, 1, 1) - gain), x, gain)
         if self.blur_p and float(torch.rand(1, generator=g)) < self.blur_p:
             x = gaussian_blur(x, max(0.1, float(torch.rand(1, generator=g)) * self.blur_sigma_max_px))
-        return x.clamp(0.0, 1.0)
+        x = x.clamp(0.0, 1.0)
+        if self.codec_p:
+            coded = torch.rand(n, generator=g) < self.codec_p
+            subsampling = torch.randint(0, len(SUBSAMPLING), (n,), generator=g)
+            quality = torch.randint(self.jpeg_quality[0], self.jpeg_quality[1] + 1, (n,), generator=g)
+            for i in torch.nonzero(coded).flatten().tolist():
+                x[i] = jpeg_roundtrip(x[i], SUBSAMPLING[int(subsampling[i])], int(quality[i]))
+        return x
+
+
+#: PIL's JPEG chroma subsampling codes: 4:4:4, 4:2:2, 4:2:0.
+SUBSAMPLING = (0, 1, 2)
+
+
+def jpeg_roundtrip(tile: torch.Tensor, subsampling: int, quality: int) -> torch.Tensor:
+    """A (3, H, W) RGB/255 tile encoded as baseline JPEG (PIL ``subsampling`` code, ``quality``) and decoded."""
+    rgb = (tile.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return torch.from_numpy(decoded.copy()).permute(2, 0, 1).to(tile.dtype) / 255.0
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -47,6 +47,8 @@ class SyntheticCohort:
     slide_um: float = 2048.0
     val_share: float = 0.2
     seed: int = 0
+    #: Centre A tiles rendered uncompressed, so training can add any writer's codec (see synthetic_data).
+    lossless_train: bool = True
 
     def datasets(self, mpp: float, tile_size: int = TILE_SIZE, cache: Path = DEFAULT_CACHE, workers: int = 2,
                  membranes: bool = False, normalise: bool = True, progress: bool = True,
@@ -58,7 +60,7 @@ class SyntheticCohort:
         """
         size = (self.slide_um, self.slide_um)
         a = cohort_tileset(synthetic_cohort(self.train_patients, "A", self.seed, size), cache, mpp, tile_size,
-                           workers, membranes, normalise, progress)
+                           workers, membranes, normalise, progress, lossless=self.lossless_train)
         b = cohort_tileset(synthetic_cohort(self.test_patients, "B", self.seed + 1, size), cache, test_mpp or mpp,
                            tile_size, workers, membranes, normalise, progress)
         split = patient_split(patient_labels(a), {"train": 1 - self.val_share, "val": self.val_share}, self.seed)
@@ -69,7 +71,10 @@ class SyntheticCohort:
                 f"{self.train_patients} patients split {1 - self.val_share:.0%}/{self.val_share:.0%} train/val by "
                 f"patient (stratified by slide call), centre B {self.test_patients} patients as independent test "
                 f"centre; {self.slide_um:.0f} um square slides written as DICOM at {mpp} um/px and tiled by the "
-                f"worker's own path (tissue mask, >{WHITE_FRACTION_MAX:.0%} white dropped, Macenko absolute-DAB)")
+                f"worker's own path (tissue mask, >{WHITE_FRACTION_MAX:.0%} white dropped, Macenko absolute-DAB)"
+                + ("; centre A tiles re-rendered uncompressed and re-encoded in training as a random writer's "
+                   "codec (lossless, JPEG 4:4:4 / 4:2:2 / 4:2:0), centre B as the worker reads them"
+                   if self.lossless_train else ""))
 
 
 def load_datasets(args, membranes: bool = False) -> dict[str, TileSet]:

@@ -18,7 +18,7 @@ import numpy as np
 from dicom_io.wsi import Slide, open_slide
 from model_training.synthetic import SlideSpec, truth_grid
 from model_training.synthetic_dicom import TRUTH_FILE
-from worker.preprocessing import REFERENCE, StainReference
+from worker.preprocessing import REFERENCE, StainNormaliser, StainReference
 from worker.tiles import (
     Position,
     PreparedSlide,
@@ -38,6 +38,7 @@ class SlideTiles:
     positions: list[tuple[int, int]]
     patient_id: str
     centre: str
+    normaliser: "StainNormaliser | Unnormalised"  # the slide's, as fitted on its DICOM tiles
 
 
 def load_spec(series_dir: Path) -> SlideSpec:
@@ -84,8 +85,8 @@ def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1
     spec = load_spec(series_dir)
     fractions, tumour = truth_grid(spec, tile_size * mpp)
     with open_slide(series_dir) as slide:
-        tiles, positions, _ = read_slide_tiles(slide, tile_size, mpp, reference, white_fraction_max, batch_size,
-                                               threads, normalise)
+        tiles, positions, prepared = read_slide_tiles(slide, tile_size, mpp, reference, white_fraction_max,
+                                                      batch_size, threads, normalise)
     rows, cols = (np.array(positions, dtype=int).reshape(-1, 2).T if positions else (np.zeros(0, int),) * 2)
     # The slide's pixel grid may extend past the spec by a partial tile: clip to the truth grid.
     rows = np.minimum(rows, fractions.shape[0] - 1)
@@ -97,4 +98,5 @@ def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1
         positions=positions,
         patient_id=spec.patient_id,
         centre=spec.centre,
+        normaliser=prepared.normaliser,
     )

@@ -11,20 +11,34 @@ What is drawn
   (a second smooth field, thresholded so that ``tumour_fraction`` of the tissue
   is tumour) alternate with stroma. Tumour areas are split into Voronoi regions
   of one HER2 class each, assigned so that class areas follow ``class_mix``.
-* **Tumour cells** sit on a jittered lattice (~13 um apart); every pixel
-  belongs to its nearest cell. Haematoxylin nuclei are ellipses around the
-  cell centres; the cell membrane is the Voronoi boundary between cells.
-* **DAB membrane staining** follows ASCO/CAP patterns per class: 0 none,
-  1+ faint and incomplete (30-60 % of the circumference), 2+ weak-to-moderate
-  and complete, 3+ intense and complete, with membrane widths ~0.6 / 1.0 /
-  2.1 um (the physical cue that makes 40x matter for 0 vs 1+). The membrane
-  profile is a Gaussian across the boundary whose integral equals the
-  membrane width, so the DAB amount per micrometre of membrane is the same at
-  every magnification.
-* **Colour** follows Beer-Lambert: optical density = c_H * v_H + c_DAB * v_DAB,
-  plus sensor noise. Centre "A" uses the reference stain vectors; centre "B"
+* **Tumour cells** sit on a jittered lattice (~13 um apart, 60 nuclei per
+  0.01 mm2); every pixel belongs to its nearest cell. Haematoxylin nuclei are
+  ellipses around the cell centres (axes ~7.5 x 4.6 um) with chromatin
+  texture; the cell membrane is the Voronoi boundary between cells.
+* **DAB membrane staining** follows ASCO/CAP patterns per class
+  (:data:`STAINING`): 0 none, 1+ faint and incomplete (30-60 % of the
+  circumference, in two runs of ~6-12 um), 2+ weak-to-moderate and complete,
+  3+ intense and complete; membrane FWHM 1.7-2.1 um; a cytoplasmic DAB blush
+  in 1+ to 3+ cells. The membrane profile is a Gaussian across the boundary
+  whose integral equals the membrane width, so the DAB amount per micrometre
+  of membrane is the same at every magnification. Grey-brown false hits (red
+  cells, pigment) lie in the tissue of every class, 0 included.
+* **Colour** follows Beer-Lambert relative to the slide's glass: RGB =
+  (glass + 1) exp(-OD) - 1 + sensor noise, OD = c_H * v_H + c_DAB * v_DAB plus
+  a grey residual. Centre "A" uses the reference stain vectors; centre "B"
   (the second lab) uses other stain vectors, stronger haematoxylin, scanner
-  blur and a more fragmented, stroma-rich layout.
+  blur, other glass and a more fragmented, stroma-rich layout. Glass colour,
+  haematoxylin strength and noise vary per slide around the centre's values;
+  glass-like gaps (tears, oedema) open in the stroma.
+
+Physical quantities are calibrated on the four real HER2 cores
+(``tests/data/real_her2``; figures in ``docs/training.md``, "Synthetic tissue
+calibrated on real cores"), in OD relative to the glass at 0.25 um/px: glass
+~(233, 232, 240) with noise SD ~2 / 2 / 3.3; nucleus H 0.25-0.35 with
+chromatin CV ~0.3, non-nuclear tumour H 0.11-0.15 and stroma 0.04-0.07;
+real membrane DAB 2+ ISH- median 0.22 (p90 0.37), 2+ ISH+ 0.47 (p90 0.96);
+cytoplasmic blush 0.01-0.13; red cells DAB ~0.25 under more H. Only
+physical quantities come from the cores; their scores are never used here.
 
 Ground truth is exact: :func:`truth_grid` gives per-tile tumour fraction and
 class fractions, :func:`slide_truth` the slide percentages and ASCO/CAP call,
@@ -40,7 +54,7 @@ import numpy as np
 from scipy import ndimage
 
 from worker.aggregate import CLASSES, SlideCall, asco_cap_call
-from worker.preprocessing.stain import EOSIN_OD, I0, REFERENCE
+from worker.preprocessing.stain import EOSIN_OD, REFERENCE
 from worker.preprocessing.tissue import THUMBNAIL_MPP
 
 #: Coarse grid (um) on which the smooth layout fields are defined.
@@ -50,12 +64,33 @@ CELL_SPACING_UM = 13.0
 #: Spacing of the stromal fibroblast lattice (um).
 STROMA_SPACING_UM = 30.0
 
-#: Per-class staining: (DAB concentration range, circumference fraction range, membrane width um).
-STAINING: dict[str, tuple[tuple[float, float], tuple[float, float], float]] = {
-    "0": ((0.0, 0.0), (0.0, 0.0), 0.6),
-    "1+": ((0.18, 0.28), (0.30, 0.60), 0.64),
-    "2+": ((0.40, 0.55), (1.00, 1.00), 1.0),
-    "3+": ((0.85, 1.10), (1.00, 1.00), 2.1),
+#: Spacing (um) of the lattice of brown false hits (red cells, pigment), and the share of its points drawn.
+FALSE_HIT_SPACING_UM = 40.0
+FALSE_HIT_SHARE = 0.3
+#: Lattice step (um) of the chromatin texture inside nuclei.
+CHROMATIN_STEP_UM = 0.8
+
+
+@dataclass(frozen=True)
+class Staining:
+    """DAB of one HER2 class, per cell: membrane peak OD range, stained share of the circumference,
+    membrane FWHM (um), number of separate stained runs, cytoplasmic blush OD range."""
+
+    dab: tuple[float, float]
+    fraction: tuple[float, float]
+    width_um: float
+    runs: int
+    blush: tuple[float, float]
+
+
+#: Per-class staining. Membrane peaks: real 2+ ISH- median 0.22 (p90 0.37) and 2+ ISH+ 0.47 (p90 0.96), real
+#: faint 1+ membranes broken into 8-9 um runs, FWHM 1.7-2.1 um, blush 0.01-0.13 (docs/training.md). 2+ starts at
+#: 0.25 and 3+ at 0.80 so that centre B's scanner blur keeps them apart from 1+ / 2+ (ASCO/CAP classes stay distinct).
+STAINING: dict[str, Staining] = {
+    "0": Staining((0.0, 0.0), (0.0, 0.0), 1.7, 1, (0.0, 0.0)),
+    "1+": Staining((0.16, 0.26), (0.30, 0.60), 1.7, 2, (0.01, 0.06)),
+    "2+": Staining((0.25, 0.42), (1.00, 1.00), 1.9, 1, (0.03, 0.10)),
+    "3+": Staining((0.80, 1.10), (1.00, 1.00), 2.1, 1, (0.03, 0.08)),
 }
 
 
@@ -75,18 +110,28 @@ class Centre:
     blur_um: float
     tissue_scale_um: float
     nest_scale_um: float
+    glass: tuple[float, float, float]
+    noise_sd: tuple[float, float, float]
 
 
 CENTRES: dict[str, Centre] = {
-    "A": Centre(REFERENCE.stain_matrix, h_gain=1.0, blur_um=0.0, tissue_scale_um=320.0, nest_scale_um=110.0),
+    "A": Centre(REFERENCE.stain_matrix, h_gain=1.0, blur_um=0.0, tissue_scale_um=320.0, nest_scale_um=110.0,
+                glass=(233.0, 232.0, 240.0), noise_sd=(2.0, 2.0, 3.3)),
     "B": Centre(
-        ((0.560, 0.760, 0.330), (0.330, 0.620, 0.710)),
-        h_gain=1.35,
-        blur_um=0.6,
+        ((0.560, 0.760, 0.330), (0.281, 0.581, 0.764)),
+        h_gain=1.2,
+        blur_um=0.25,
         tissue_scale_um=220.0,
         nest_scale_um=80.0,
+        glass=(228.0, 229.0, 236.0),
+        noise_sd=(2.5, 2.5, 3.6),
     ),
 }
+#: Per-slide variation around the centre: glass shift (grey levels, common and per channel), haematoxylin gain, noise.
+GLASS_SHIFT = 5.0
+GLASS_TINT = 2.0
+H_GAIN_SPREAD = 0.12
+NOISE_SPREAD = 0.2
 
 
 @dataclass(frozen=True)
@@ -195,6 +240,16 @@ class _Layout:
             cls = int(np.argmax(target - got))
             self.seed_class[k] = cls
             got[cls] += area[k]
+        # The slide's own look around its centre's (a second generator: the layout above stays as it was).
+        look = np.random.default_rng([spec.seed, 7])
+        self.glass = (np.asarray(centre.glass) + GLASS_SHIFT * look.uniform(-1, 1)
+                      + GLASS_TINT * look.uniform(-1, 1, 3))
+        self.h_gain = centre.h_gain * (1.0 + H_GAIN_SPREAD * look.uniform(-1, 1))
+        self.noise_sd = np.asarray(centre.noise_sd) * (1.0 + NOISE_SPREAD * look.uniform(-1, 1))
+        # Glass-like gaps in the stroma (tears, oedema): 5-30 % of the stroma, ~50 um across.
+        gaps = ndimage.gaussian_filter(look.normal(size=(gh, gw)), 1.5)
+        self.gap_field = gaps / (gaps.std() + 1e-9)
+        self.gap_threshold = float(look.uniform(0.5, 1.6))
 
     def _nearest_seed(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         d = (x[..., None] - self.seeds[:, 0]) ** 2 + (y[..., None] - self.seeds[:, 1]) ** 2
@@ -203,6 +258,10 @@ class _Layout:
     def _sample(self, grid: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         coords = np.stack([y / FIELD_STEP_UM + 1, x / FIELD_STEP_UM + 1])
         return ndimage.map_coordinates(grid, coords, order=1, mode="nearest")
+
+    def gaps(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Where the stroma opens onto glass at points (um) (the caller keeps tumour out)."""
+        return self._sample(self.gap_field, x, y) > self.gap_threshold
 
     def labels(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tissue mask, tumour mask and class index (-1 outside tumour) at points (um)."""
@@ -239,6 +298,16 @@ def _nearest_two(seed: int, x: np.ndarray, y: np.ndarray, spacing: float, salt: 
     return bi, bj, bdx, bdy, best[0], best[1]
 
 
+def _value_noise(seed: int, x: np.ndarray, y: np.ndarray, step: float, salt: int) -> np.ndarray:
+    """Smooth deterministic noise in [0, 1): lattice values every ``step`` um, smoothstep-interpolated."""
+    gx, gy = x / step, y / step
+    i, j = np.floor(gx), np.floor(gy)
+    fx, fy = gx - i, gy - j
+    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
+    v = [[_hash01(seed, i + a, j + b, salt) for b in (0, 1)] for a in (0, 1)]
+    return ((v[0][0] * (1 - fx) + v[1][0] * fx) * (1 - fy)) + ((v[0][1] * (1 - fx) + v[1][1] * fx) * fy)
+
+
 def _soft_edge(signed_um: np.ndarray, mpp: float) -> np.ndarray:
     """Anti-aliased inside indicator for a signed distance (negative inside)."""
     return 1.0 / (1.0 + np.exp(np.clip(signed_um / max(0.25 * mpp, 0.1), -50, 50)))
@@ -257,31 +326,37 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     ci, cj, dx, dy, d1, d2 = _nearest_two(spec.seed, x, y, CELL_SPACING_UM, salt=11)
     gap = (d2 - d1) / 2.0  # approximate distance to the cell boundary
     rnd = lambda salt: _hash01(spec.seed, ci, cj, salt)  # noqa: E731 - per-cell random value
-    nuc_r = 3.2 + 1.2 * rnd(21)
+    # Semi-axes nuc_r / (1 -+ 0.23): 2.1-2.6 x 3.4-4.2 um (real median axes ~7.5 x 4.6 um).
+    nuc_r = 2.6 + 0.6 * rnd(21)
     angle = np.arctan2(dy, dx)
-    nucleus = _soft_edge(d1 * (1.0 + 0.25 * np.cos(2 * (angle - 6.283 * rnd(22)))) - nuc_r, mpp)
+    nucleus = _soft_edge(d1 * (1.0 + 0.23 * np.cos(2 * (angle - 6.283 * rnd(22)))) - nuc_r, mpp)
     membrane_conc = np.zeros_like(x)
     membrane_width = np.zeros_like(x)
+    blush = np.zeros_like(x)
     stained_arc = np.zeros(x.shape, bool)
     for k, name in enumerate(CLASSES):
-        (c_lo, c_hi), (f_lo, f_hi), width = STAINING[name]
+        st = STAINING[name]
         here = cls == k
-        if not here.any() or c_hi == 0.0:
+        if not here.any() or st.dab[1] == 0.0:
             continue
-        conc = c_lo + (c_hi - c_lo) * rnd(31)
-        frac = f_lo + (f_hi - f_lo) * rnd(32)
+        conc = st.dab[0] + (st.dab[1] - st.dab[0]) * rnd(31)
+        frac = st.fraction[0] + (st.fraction[1] - st.fraction[0]) * rnd(32)
         phase = 6.283185 * rnd(33)
-        arc = np.mod(angle - phase, 6.283185) < frac * 6.283185
+        arc = np.mod((angle - phase) * st.runs / 6.283185, 1.0) < frac
         membrane_conc = np.where(here, conc, membrane_conc)
-        membrane_width = np.where(here, width, membrane_width)
+        membrane_width = np.where(here, st.width_um, membrane_width)
+        blush = np.where(here, st.blush[0] + (st.blush[1] - st.blush[0]) * rnd(34), blush)
         stained_arc |= here & arc
     sigma = np.sqrt((membrane_width / 2.355) ** 2 + (0.5 * mpp) ** 2)
     profile = membrane_width / (sigma * 2.5066) * np.exp(-0.5 * (gap / sigma) ** 2)
-    dab = np.where(tumour & stained_arc, membrane_conc * profile, 0.0)
+    dab = np.where(tumour & stained_arc, membrane_conc * profile, 0.0) + np.where(tumour, blush * (1 - nucleus), 0.0)
     membrane = tumour & stained_arc & (gap < np.maximum(membrane_width / 2.0, 0.5 * mpp))
-    h_tumour = 0.20 + (0.55 + 0.3 * rnd(41)) * nucleus
+    # Nuclei 0.27-0.37 with chromatin texture (CV ~0.3) in cytoplasm of 0.07-0.10.
+    chromatin = np.clip(1.0 + 1.5 * (_value_noise(spec.seed, x, y, CHROMATIN_STEP_UM, 42) - 0.5), 0.3, None)
+    cytoplasm = 0.07 + 0.03 * rnd(43)
+    h_tumour = cytoplasm + (0.32 * (0.85 + 0.30 * rnd(41)) * chromatin - cytoplasm) * nucleus
 
-    # Stroma: pale fibres and sparse elongated fibroblast nuclei.
+    # Stroma: pale fibres, sparse elongated fibroblast nuclei and glass-like gaps.
     si, sj, sdx, sdy, s1, _ = _nearest_two(spec.seed, x, y, STROMA_SPACING_UM, salt=51)
     present = _hash01(spec.seed, si, sj, 52) < 0.35
     theta = 3.14159 * _hash01(spec.seed, si, sj, 53)
@@ -289,16 +364,27 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     v = -sdx * np.sin(theta) + sdy * np.cos(theta)
     fib_nucleus = present * _soft_edge(np.hypot(u / 3.0, v / 1.2) - 1.0, mpp / 2.0)
     fibres = 0.5 + 0.5 * np.sin((x * 0.8 + y * 0.35) / 2.5 + 3.0 * np.sin(y / 40.0))
-    h_stroma = 0.15 + 0.10 * fibres + 0.6 * fib_nucleus
+    h_fibres = 0.035 + 0.035 * fibres
+    h_stroma = h_fibres + (0.30 * chromatin - h_fibres) * fib_nucleus
+    tissue = tissue & ~(~tumour & (fib_nucleus < 0.5) & layout.gaps(x, y))
 
-    h = np.where(tumour, h_tumour, np.where(tissue, h_stroma, 0.0)) * centre.h_gain
+    # Brown false hits: grey-brown discs ~7 um across (red cells, pigment), H above DAB, in any tissue.
+    fi, fj, _, _, f1, _ = _nearest_two(spec.seed, x, y, FALSE_HIT_SPACING_UM, salt=61)
+    hit = tissue * (_hash01(spec.seed, fi, fj, 62) < FALSE_HIT_SHARE) * _soft_edge(
+        f1 - (3.0 + 0.8 * _hash01(spec.seed, fi, fj, 63)), mpp)
+    h_hit = 0.45 + 0.15 * _hash01(spec.seed, fi, fj, 64)
+    dab_hit = 0.22 + 0.10 * _hash01(spec.seed, fi, fj, 65)
+
+    h = np.where(tumour, h_tumour, np.where(tissue, h_stroma, 0.0))
+    h = (h + hit * (h_hit - h)) * layout.h_gain
+    dab = dab + hit * (dab_hit - dab)
     od = h[..., None] * np.asarray(centre.stain_matrix[0])
     if spec.stain == "H&E":
         eosin = np.where(tissue, np.where(tumour, 0.45, 0.35) * (1.0 - 0.6 * nucleus * tumour), 0.0)
         od = od + eosin[..., None] * np.asarray(EOSIN_OD)
     else:
         od = od + dab[..., None] * np.asarray(centre.stain_matrix[1])
-    od = od + np.where(tissue, 0.03, 0.01)[..., None]
+    od = od + np.where(tissue, 0.02, 0.0)[..., None]
     if "fold" in spec.artefacts:  # tissue folded onto itself: about double optical density
         cx, cy = 0.5 * spec.width_um, 0.45 * spec.height_um
         fold = tissue & (((x - cx) / (0.18 * spec.width_um)) ** 2 + ((y - cy) / (0.06 * spec.height_um)) ** 2 < 1)
@@ -311,7 +397,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
         s = blur_um / mpp
         od = ndimage.gaussian_filter(od, sigma=(s, s, 0))
     noise_rng = np.random.default_rng([spec.seed, int(x_um * 64), int(y_um * 64), int(mpp * 1000)])
-    rgb = (I0 + 1.0) * np.exp(-od) - 1.0 + noise_rng.normal(0.0, 1.5, od.shape)
+    rgb = (layout.glass + 1.0) * np.exp(-od) - 1.0 + noise_rng.normal(0.0, 1.0, od.shape) * layout.noise_sd
     return Rendered(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), membrane, cls)
 
 
@@ -352,11 +438,11 @@ def region_cells(spec: SlideSpec, x_um: float, y_um: float, width_um: float, hei
     frac = np.zeros(len(cx))
     dab = np.zeros(len(cx))
     for k, name in enumerate(CLASSES):
-        (c_lo, c_hi), (f_lo, f_hi), _ = STAINING[name]
+        st = STAINING[name]
         here = cls == k
-        if c_hi > 0:
-            dab[here] = (c_lo + (c_hi - c_lo) * _hash01(spec.seed, i, j, 31))[here]
-            frac[here] = (f_lo + (f_hi - f_lo) * _hash01(spec.seed, i, j, 32))[here]
+        if st.dab[1] > 0:
+            dab[here] = (st.dab[0] + (st.dab[1] - st.dab[0]) * _hash01(spec.seed, i, j, 31))[here]
+            frac[here] = (st.fraction[0] + (st.fraction[1] - st.fraction[0]) * _hash01(spec.seed, i, j, 32))[here]
     return RegionCells(np.column_stack([cx, cy]), tumour, cls, frac, dab)
 
 

@@ -2,9 +2,15 @@
 
 Every slide is written as a DICOM WSI and read back by
 :func:`model_training.slide_tiles.synthetic_slide_tiles` - the worker's own
-tile path - so training tiles carry the same JPEG artefacts, thumbnail, stain
-fit, white filter and normalisation as the tiles the worker grades. Slides
-are cached as ``.npz`` keyed by their spec, magnification and tile size, so
+tile path - so training tiles come from the same thumbnail, stain fit, white
+filter and normalisation as the tiles the worker grades. Our writer stores
+JPEG 4:2:0 tiles; other writers send 4:4:4, 4:2:2 or lossless tiles, and a
+model that only saw 4:2:0 chroma grades those differently. With
+``lossless`` the kept tiles' pixels are therefore rendered again without
+compression (same positions, same fitted normaliser), and training adds the
+codec of a random writer (:class:`model_training.augment.Augment`); without
+it (test centres) the tiles are exactly the worker's. Slides are cached as
+``.npz`` keyed by their spec, magnification, tile size and these options, so
 re-running a recipe does not re-render.
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -24,13 +31,13 @@ import numpy as np
 from tqdm import tqdm
 
 from model_training.slide_tiles import synthetic_slide_tiles
-from model_training.synthetic import SlideSpec, random_spec, render_region, slide_truth
+from model_training.synthetic import Rendered, SlideSpec, random_spec, render_region, slide_truth
 from model_training.synthetic_dicom import write_synthetic_slide
 from model_training.tileset import CALL_CLASS, SlideInfo, TileSet
 from worker.aggregate import CLASSES
 
 #: Bump when the way slides become tiles changes, so stale caches are not reused.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 DEFAULT_CACHE = Path("out") / "training-cache"
 
 
@@ -79,27 +86,36 @@ def synthetic_cohort(n_patients: int, centre: str, seed: int, size_um: tuple[flo
     return specs
 
 
-def _cache_key(spec: SlideSpec, mpp: float, tile_size: int, membranes: bool, normalise: bool) -> str:
+def _cache_key(spec: SlideSpec, mpp: float, tile_size: int, membranes: bool, normalise: bool, lossless: bool) -> str:
     record = {"spec": asdict(spec), "mpp": mpp, "tile_size": tile_size, "membranes": membranes, "v": CACHE_VERSION}
     if not normalise:
         record["normalise"] = False
+    if lossless:
+        record["lossless"] = True
     return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _membranes(spec: SlideSpec, positions: list[tuple[int, int]], tile_size: int, mpp: float) -> np.ndarray:
-    """Exact DAB membrane masks (N, T, T) of the tiles at grid ``positions``."""
+def _render_tiles(spec: SlideSpec, positions: list[tuple[int, int]], tile_size: int, mpp: float) -> list[Rendered]:
+    """The tiles at grid ``positions`` as the generator draws them, padded white beyond the slide as the reader pads."""
     tile_um = tile_size * mpp
-    masks = [render_region(spec, c * tile_um, r * tile_um, tile_size, tile_size, mpp).membrane for r, c in positions]
-    return np.stack(masks) if masks else np.zeros((0, tile_size, tile_size), bool)
+    width, height = math.ceil(spec.width_um / mpp), math.ceil(spec.height_um / mpp)
+    out = []
+    for r, c in positions:
+        tile = render_region(spec, c * tile_um, r * tile_um, tile_size, tile_size, mpp)
+        tile.rgb[max(0, height - r * tile_size):] = 255
+        tile.rgb[:, max(0, width - c * tile_size):] = 255
+        out.append(tile)
+    return out
 
 
 def slide_tileset(spec: SlideSpec, cache: Path, mpp: float = 1.0, tile_size: int = 512,
-                  membranes: bool = False, normalise: bool = True) -> TileSet:
+                  membranes: bool = False, normalise: bool = True, lossless: bool = False) -> TileSet:
     """The kept tiles of one synthetic slide (cached).
 
-    ``membranes`` adds exact membrane masks; ``normalise=False`` skips stain normalisation (ablation).
+    ``membranes`` adds exact membrane masks; ``normalise=False`` skips stain normalisation (ablation);
+    ``lossless`` replaces the decoded JPEG pixels by uncompressed renders of the same tiles (see the module).
     """
-    path = Path(cache) / f"{_cache_key(spec, mpp, tile_size, membranes, normalise)}.npz"
+    path = Path(cache) / f"{_cache_key(spec, mpp, tile_size, membranes, normalise, lossless)}.npz"
     if path.is_file():
         return TileSet.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +127,11 @@ def slide_tileset(spec: SlideSpec, cache: Path, mpp: float = 1.0, tile_size: int
         shutil.rmtree(work, ignore_errors=True)
     label, pct = slide_label(spec)
     info = SlideInfo(f"{spec.patient_id}-S{spec.seed}", spec.patient_id, spec.centre, label, pct)
-    tiles = TileSet(st.tiles, st.class_fractions, st.tumour_fraction, np.zeros(len(st.tiles), int), [info], mpp,
-                    _membranes(spec, st.positions, tile_size, mpp) if membranes else None)
+    rendered = _render_tiles(spec, st.positions, tile_size, mpp) if membranes or lossless else []
+    pixels = st.normaliser(np.stack([t.rgb for t in rendered])) if lossless and rendered else st.tiles
+    masks = (np.stack([t.membrane for t in rendered]) if rendered else np.zeros((0, tile_size, tile_size), bool))
+    tiles = TileSet(pixels, st.class_fractions, st.tumour_fraction, np.zeros(len(st.tiles), int), [info], mpp,
+                    masks if membranes else None)
     tmp = path.with_suffix(".tmp.npz")
     tiles.save(tmp)
     tmp.replace(path)
@@ -125,9 +144,9 @@ def _slide_tileset_args(args: tuple) -> TileSet:
 
 def cohort_tileset(specs: Sequence[SlideSpec], cache: Path = DEFAULT_CACHE, mpp: float = 1.0, tile_size: int = 512,
                    workers: int = 2, membranes: bool = False, normalise: bool = True,
-                   progress: bool = True) -> TileSet:
+                   progress: bool = True, lossless: bool = False) -> TileSet:
     """All slides of ``specs`` as one tile set, rendered in ``workers`` processes (cached per slide)."""
-    jobs = [(spec, Path(cache), mpp, tile_size, membranes, normalise) for spec in specs]
+    jobs = [(spec, Path(cache), mpp, tile_size, membranes, normalise, lossless) for spec in specs]
     bar = tqdm(total=len(jobs), unit="slide", desc=f"slides @ {mpp} um/px", disable=not progress)
     with bar:
         if workers <= 1:

@@ -1,11 +1,11 @@
-"""Augmentation: unit gains leave tiles unchanged, DAB gain moves only the DAB concentration."""
+"""Augmentation: unit gains leave tiles unchanged, DAB gain moves only the DAB concentration, codecs re-encode."""
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_training.augment import Augment, gaussian_blur, hed_jitter
+from model_training.augment import SUBSAMPLING, Augment, gaussian_blur, hed_jitter, jpeg_roundtrip
 from worker.preprocessing import StainNormaliser
 
 pytestmark = pytest.mark.train
@@ -46,3 +46,34 @@ def test_augment_keeps_shape_and_range_and_is_seeded():
 def test_blur_preserves_mean_of_constant_image():
     x = torch.full((1, 3, 16, 16), 0.4)
     assert torch.allclose(gaussian_blur(x, 1.0), x, atol=1e-6)
+
+
+def _fine_chroma() -> torch.Tensor:
+    """A 64 px tile of 1 px wide alternating brown (DAB) and blue (haematoxylin) columns: chroma at full resolution."""
+    od = np.zeros((64, 64, 2))
+    od[:, 0::2, 1] = 0.5
+    od[:, 1::2, 0] = 0.5
+    rgb = 256 * np.exp(-(od @ StainNormaliser.identity().reference.matrix())) - 1
+    return torch.from_numpy(rgb / 255).permute(2, 0, 1).float()
+
+
+def test_jpeg_roundtrip_subsampling_loses_fine_chroma_444_keeps_it():
+    x = _fine_chroma()
+    err = {s: float((jpeg_roundtrip(x, s, 95) - x).abs().mean()) for s in SUBSAMPLING}
+    assert err[0] < 0.02  # 4:4:4 at quality 95: close to the input
+    assert err[1] > 2 * err[0] and err[2] > 2 * err[0]  # 4:2:2 / 4:2:0 average neighbouring columns' colour
+    assert jpeg_roundtrip(x, 2, 95).shape == x.shape
+
+
+def test_codec_augmentation_reencodes_a_share_of_tiles_seeded():
+    x = _fine_chroma().repeat(40, 1, 1, 1)
+    plain = Augment(flips=False, rot90=False, brightness=0, contrast=0, h_sigma=0, dab_sigma=0, glass=0, blur_p=0,
+                    codec_p=0.5)
+    y = plain(x, torch.Generator().manual_seed(1))
+    changed = (y - x).abs().flatten(1).max(dim=1).values > 1 / 255
+    assert 8 <= int(changed.sum()) <= 32  # about half re-encoded, the rest passed through losslessly
+    assert torch.equal(y[~changed], x[~changed])
+    assert torch.equal(y, plain(x, torch.Generator().manual_seed(1)))
+    off = Augment(flips=False, rot90=False, brightness=0, contrast=0, h_sigma=0, dab_sigma=0, glass=0, blur_p=0,
+                  codec_p=0)
+    assert torch.equal(off(x, torch.Generator().manual_seed(1)), x)
