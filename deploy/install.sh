@@ -5,7 +5,7 @@
 #   bash deploy/install.sh --dev        + test tools, and .venv-convert with the third-party converter
 #                                       wsidicomizer (it pins an older wsidicom than the worker needs)
 #   bash deploy/install.sh --train      + torch/torchvision for model_training (~5 GB)
-#   bash deploy/install.sh --services   + Debian orthanc, orthanc-wsi, orthanc-dicomweb, redis-server, dcmtk, dicom3tools (tests, local stack)
+#   bash deploy/install.sh --services   + Debian orthanc(-wsi,-dicomweb), redis-server, dcmtk, dicom3tools, chromium, viewer/ npm ci (tests)
 #   bash deploy/install.sh --gpu        + onnxruntime-gpu (CUDA execution provider)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +27,15 @@ if [ "$services" = 1 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   if ! command -v Orthanc >/dev/null || ! command -v redis-server >/dev/null || ! command -v storescu >/dev/null \
      || ! command -v dciodvfy >/dev/null || ! command -v OrthancWSIDicomizer >/dev/null \
-     || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+     || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || ! command -v chromium >/dev/null \
+     || ! command -v npm >/dev/null; then
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-wsi orthanc-dicomweb redis-server dcmtk dicom3tools >/dev/null
+    node=""; command -v npm >/dev/null || node="nodejs npm"  # the viewer page and its browser test (viewer/)
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-wsi orthanc-dicomweb redis-server dcmtk \
+      dicom3tools chromium $node >/dev/null
   fi
+  # dicom-microscopy-viewer and puppeteer-core as pinned in viewer/package-lock.json; the browser is Debian's chromium.
+  (cd viewer && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 PYTHON="${PYTHON:-python3}"
