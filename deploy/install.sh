@@ -35,7 +35,8 @@ if [ "$services" = 1 ]; then
       dicom3tools chromium $node >/dev/null
   fi
   # dicom-microscopy-viewer and puppeteer-core as pinned in viewer/package-lock.json; the browser is Debian's chromium.
-  (cd viewer && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  [ viewer/node_modules/.package-lock.json -nt viewer/package-lock.json ] \
+    || (cd viewer && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 PYTHON="${PYTHON:-python3}"
