@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_ready, worker_shutdown
+from celery.signals import import_modules, worker_ready, worker_shutdown
 
 from worker.settings import Settings, get_settings
 
@@ -55,9 +55,11 @@ _stop_flusher = threading.Event()
 _metrics_server: list = []
 
 
-@celeryd_init.connect
+@import_modules.connect
 def _metrics_store(**_: object) -> None:
-    """Before task modules are imported and the pool forks: an empty multiprocess metric store for this worker."""
+    """Before the worker imports the task modules (and long before the pool forks): an empty multiprocess
+    metric store for this worker. Celery sends ``import_modules`` first thing in ``WorkController.__init__``;
+    ``celeryd_init`` would come too late (task modules, hence prometheus_client, already imported)."""
     from worker.metrics_store import use_private_store
 
     use_private_store()

@@ -69,23 +69,24 @@ JOB_RETRIES = Counter("her2_job_retries", f"Attempts that failed and were queued
                       f"{WORKER_LOST}, {LEASE_EXPIRED}).", ["cause"])
 SLIDE_SECONDS = Histogram("her2_slide_seconds", "Seconds to score one slide (open, grade, build results).",
                           buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600))
-SLIDE_BYTES_READ = Histogram("her2_slide_bytes_read", "Bytes of slide data read to score one slide.",
-                             buckets=tuple(2.0**k for k in range(20, 36, 2)))  # 1 MiB .. 32 GiB
+SLIDE_BYTES_FETCHED = Histogram("her2_slide_bytes_fetched", "Bytes fetched over DICOMweb (WADO-RS response "
+                                "bodies) to score one slide; slides read from the spool are not counted.",
+                                buckets=tuple(2.0**k for k in range(20, 36, 2)))  # 1 MiB .. 32 GiB
 TILES_SCORED = Counter("her2_tiles_scored", "Tissue tiles graded by the CNN.")
 TILES_PER_SECOND = Gauge("her2_tiles_per_second", "Tissue tiles graded per second on the last slide scored.",
                          multiprocess_mode="mostrecent")
 
 
 def slide_scored(call: str, stats: dict[str, float]) -> None:
-    """Count one scored slide from its call and the pipeline's ``stats`` (seconds, tiles_scored, bytes_read)."""
+    """Count one scored slide from its call and the pipeline's ``stats`` (seconds, tiles_scored, bytes_fetched)."""
     SLIDES_SCORED.labels(call=call).inc()
     seconds, tiles = stats.get("seconds", 0.0), stats.get("tiles_scored", 0)
     SLIDE_SECONDS.observe(seconds)
     TILES_SCORED.inc(tiles)
     if seconds > 0:
         TILES_PER_SECOND.set(tiles / seconds)
-    if "bytes_read" in stats:
-        SLIDE_BYTES_READ.observe(stats["bytes_read"])
+    if "bytes_fetched" in stats:  # the DICOMweb slide source counts what it fetched
+        SLIDE_BYTES_FETCHED.observe(stats["bytes_fetched"])
 
 
 def slide_failed(reason: str) -> None:

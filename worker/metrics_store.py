@@ -5,9 +5,9 @@ or in memory-mapped files under ``PROMETHEUS_MULTIPROC_DIR`` (multiprocess
 mode), and its documentation asks for that directory to be empty when the
 process tree starts. This module does not import prometheus-client, so the
 worker's main process can call :func:`use_private_store` first (Celery's
-``celeryd_init`` signal, before task modules are imported and before the
-prefork pool forks its children); why workers need multiprocess mode is told
-in :mod:`worker.metrics`.
+``import_modules`` signal, sent before the worker imports the task modules
+and before the prefork pool forks its children); why workers need
+multiprocess mode is told in :mod:`worker.metrics`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 
 #: prometheus-client's switch to multiprocess mode (a directory; read when prometheus_client is imported).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: The directory :func:`use_private_store` made in this process (removed at shutdown), if any.
-_owned: Path | None = None
+#: The store :func:`use_private_store` prepared in this process, and whether it made the directory itself.
+_prepared: Path | None = None
+_made_here = False
 
 
 def use_private_store() -> Path:
@@ -29,27 +30,30 @@ def use_private_store() -> Path:
 
     A directory named by ``PROMETHEUS_MULTIPROC_DIR`` is emptied of its
     ``*.db`` files (values of a previous run); without one, a private
-    temporary directory is made. Raises RuntimeError when prometheus_client
-    was already imported: its values would then stay in memory, and a pool
-    child's counts would never reach ``/metrics``.
+    temporary directory is made. Calling it again returns the same directory.
+    Raises RuntimeError when prometheus_client was already imported: its
+    values would then stay in memory, and a pool child's counts would never
+    reach ``/metrics``.
     """
+    global _prepared, _made_here
+    if _prepared is not None:  # Celery may import the task modules more than once
+        return _prepared
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before the worker chose its metric store; "
                            "pool children's metrics would be lost")
     named = os.environ.get(MULTIPROC_ENV)
     if named:
-        folder = Path(named)
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.db"):
+        _prepared = Path(named)
+        _prepared.mkdir(parents=True, exist_ok=True)
+        for stale in _prepared.glob("*.db"):
             stale.unlink()
-        return folder
-    global _owned
-    _owned = Path(tempfile.mkdtemp(prefix="her2-metrics-"))
-    os.environ[MULTIPROC_ENV] = str(_owned)
-    return _owned
+    else:
+        _prepared, _made_here = Path(tempfile.mkdtemp(prefix="her2-metrics-")), True
+        os.environ[MULTIPROC_ENV] = str(_prepared)
+    return _prepared
 
 
 def remove_private_store() -> None:
     """Remove the directory :func:`use_private_store` made (a directory named by the operator stays)."""
-    if _owned is not None:
-        shutil.rmtree(_owned, ignore_errors=True)
+    if _prepared is not None and _made_here:
+        shutil.rmtree(_prepared, ignore_errors=True)
