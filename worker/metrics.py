@@ -118,7 +118,7 @@ class BacklogCollector(Collector):
         else:
             yield GaugeMetricFamily("her2_queue_depth", "Jobs waiting in the Celery queue for a worker.", value=depth)
         waiting = Outbox(self.outbox_dir).pending()
-        yield GaugeMetricFamily("her2_outbox_backlog", "Result instances in this process's outbox waiting for the PACS.",
+        yield GaugeMetricFamily("her2_outbox_backlog", "Result instances in this process's outbox waiting for the PACS",
                                 value=sum(len(files) for files in waiting.values()))
         yield GaugeMetricFamily("her2_outbox_backlog_series", "Source series with results waiting in the outbox.",
                                 value=len(waiting))
@@ -162,7 +162,7 @@ def serve(host: str, port: int, role: str, served: CollectorRegistry, health: He
     """Serve ``/metrics`` and ``/health`` on ``host:port`` from a daemon thread; ``shutdown()`` stops it."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # http.server's method name
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
@@ -181,8 +181,8 @@ def serve(host: str, port: int, role: str, served: CollectorRegistry, health: He
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes every few seconds: no log
-            pass
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scraped every few seconds: no log line per request
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

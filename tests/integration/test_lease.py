@@ -18,8 +18,17 @@ import time
 
 import pytest
 from pacs_stack import scrape, wait_until
-from test_faults import (JOB_TIMEOUT, PER_TILE, assert_one_result_set, copy_slide, header, mid_slide, send,
-                         slide, wait_done)
+from test_faults import (
+    JOB_TIMEOUT,
+    PER_TILE,
+    assert_one_result_set,
+    copy_slide,
+    header,
+    mid_slide,
+    send,
+    slide,
+    wait_done,
+)
 
 from worker.jobs import JobState, RedisJobStore
 from worker.lease import Attempt, Leases, Start, requeue_expired, run_leased
@@ -96,22 +105,19 @@ def test_lost_job_is_queued_again_then_parked_after_its_last_retry(leases, redis
     store = RedisJobStore(redis_server.url(2))
     queued: list[Attempt] = []
     series = attempt().series_instance_uid
-    number = 0
-    for _ in range(3):  # attempts 1, 2 and 3 lose their worker; max_retries = 2
+    why = f"worker lost: its job lease was not renewed for {LEASE:g} s"
+    for number in range(3):  # attempts 1, 2 and 3 lose their worker; max_retries = 2
         assert leases.start(attempt(number), f"worker-{number}") is Start.RUN
         time.sleep(LEASE * 1.5)
         requeue_expired(leases, store, 2, LEASE, queued.append)
-        number += 1
-        if number <= 2:
-            assert queued[-1] == attempt(number)
+        if number < 2:
+            assert queued[-1] == attempt(number + 1)
             status = store.get_status(series)
-            assert status.state is JobState.RETRYING
-            assert status.reason == (f"attempt {number} failed: worker lost: its job lease was not renewed for "
-                                     f"{LEASE:g} s; queued again")
+            assert (status.state, status.reason) == (JobState.RETRYING,
+                                                     f"attempt {number + 1} failed: {why}; queued again")
     assert len(queued) == 2
     status = store.get_status(series)
-    assert (status.state, status.reason) == (JobState.PARKED, "gave up after 2 retries: worker lost: its job lease "
-                                             f"was not renewed for {LEASE:g} s")
+    assert (status.state, status.reason) == (JobState.PARKED, f"gave up after 2 retries: {why}")
     assert leases.record("task-1")["state"] == "ended" and leases.expired() == []
 
 
@@ -128,6 +134,18 @@ def test_requeue_failing_keeps_the_job_for_the_next_sweep(leases, redis_server):
     queued: list[Attempt] = []
     assert requeue_expired(leases, store, 2, LEASE, queued.append) == [attempt(1)]
     assert queued == [attempt(1)]
+
+
+def test_lease_settings_renew_at_most_half_the_lease():
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    defaults = Settings()
+    assert (defaults.job_lease_seconds, defaults.job_lease_renew_seconds) == (30, 10)
+    with pytest.raises(ValidationError, match=r"job_lease_renew_seconds \(20\) must be at most half of "
+                                              r"job_lease_seconds \(30\)"):
+        Settings(job_lease_renew_seconds=20)
 
 
 def redeliver_unacked(broker) -> None:
