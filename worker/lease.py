@@ -14,7 +14,7 @@ per dispatched job; Celery's own retries keep it):
 
 - ``her2:attempt:<task id>``: hash with the attempt number (Celery's
   ``retries``), its state (``running``, ``requeued``, ``ended``), the holder
-  and the task's arguments (to queue it again);
+  and the task's arguments and keyword arguments (to queue it again);
 - ``her2:lease:<task id>``: the holder's name, expiring after ``job_lease_seconds``;
 - ``her2:running``: the task ids whose attempt is running (what sweepers check).
 
@@ -36,7 +36,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from worker import metrics
@@ -74,9 +74,10 @@ class Attempt:
     number: int
     series_instance_uid: str
     args: tuple
+    kwargs: dict = field(default_factory=dict)
 
 
-# KEYS: attempt hash, lease, running set. ARGV: number, holder, lease ms, series uid, args json, task id.
+# KEYS: attempt hash, lease, running set. ARGV: number, holder, lease ms, series uid, args json, task id, kwargs json.
 _START = """
 local number = tonumber(ARGV[1])
 local recorded = tonumber(redis.call('HGET', KEYS[1], 'number') or '-1')
@@ -88,7 +89,7 @@ if recorded == number and state == 'running' then
 end
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'number', number, 'state', 'running', 'holder', ARGV[2], 'series', ARGV[4],
-           'args', ARGV[5])
+           'args', ARGV[5], 'kwargs', ARGV[7])
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[6])
 return 'run'
@@ -163,7 +164,7 @@ class Leases:
         """Take the lease of ``attempt`` for ``holder``, unless the attempt is stale or held by another live process."""
         found = self._start(keys=self._keys(attempt.task_id),
                             args=[attempt.number, holder, self.lease_ms, attempt.series_instance_uid,
-                                  json.dumps(list(attempt.args)), attempt.task_id])
+                                  json.dumps(list(attempt.args)), attempt.task_id, json.dumps(attempt.kwargs)])
         return Start(found)
 
     def renew(self, attempt: Attempt, holder: str) -> bool:
@@ -184,7 +185,8 @@ class Leases:
             number = self._take_over(keys=self._keys(task_id), args=[task_id])
             if number >= 0:
                 record = self.redis.hgetall(_attempt_key(task_id))
-                taken.append(Attempt(task_id, int(number), record["series"], tuple(json.loads(record["args"]))))
+                taken.append(Attempt(task_id, int(number), record["series"], tuple(json.loads(record["args"])),
+                                     json.loads(record["kwargs"])))
         return taken
 
     def undo_take_over(self, attempt: Attempt) -> None:

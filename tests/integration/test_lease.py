@@ -47,8 +47,10 @@ def leases(redis_server) -> Leases:
 
 
 def attempt(number: int = 0, task_id: str = "task-1") -> Attempt:
-    return Attempt(task_id, number, "1.2.826.0.1.3680043.8.498.1", ("/spool/1.2/1.2.826.0.1.3680043.8.498.1",
-                                                                     "1.2.826.0.1.3680043.8.498.1"))
+    """An attempt whose arguments and keyword arguments must come back unchanged when it is queued again."""
+    series = "1.2.826.0.1.3680043.8.498.1"
+    return Attempt(task_id, number, series, (f"/spool/1.2/{series}", series),
+                   {"source": "dicomweb", "instances": {"1.2.826.0.1.3680043.8.498.2": "1.2.840.10008.1.2.4.50"}})
 
 
 def test_expired_lease_is_taken_over_once_and_the_old_attempt_becomes_stale(leases):
