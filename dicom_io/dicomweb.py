@@ -71,7 +71,8 @@ class DicomWebError(SourceError):
 
 
 class DicomWebAuthError(DicomWebError):
-    """The server refused our credentials, or its TLS certificate is not trusted: a setting to fix."""
+    """The server refused our credentials, its TLS certificate is not trusted, or the CA file is missing: a
+    setting to fix."""
 
 
 def describe(exc: requests.RequestException, server: DicomWebServer, doing: str) -> DicomWebError:
@@ -131,6 +132,8 @@ class _TimeoutAdapter(HTTPAdapter):
 
 def session(server: DicomWebServer, count: TransferCount | None = None) -> requests.Session:
     """A requests session for ``server``: its credentials, CA file, timeout, and ``count`` of what it fetches."""
+    if server.ca_file is not None and not Path(server.ca_file).is_file():
+        raise DicomWebAuthError(f"dicomweb_ca_file {server.ca_file} not found")
     s = requests.Session()
     if server.token:
         s.headers["Authorization"] = f"Bearer {server.token}"

@@ -20,8 +20,9 @@ calls addressed to another called AE title than ours.
 
 Event handlers only hand off: pynetdicom streams each data set to a temporary
 file (memory stays bounded whatever the slide's size), the C-STORE handler
-copies it atomically into the spool and tells a callback; nothing is decoded
-beyond the identifying UIDs and no patient attribute is ever logged.
+copies it atomically into the spool (or, for slides that workers read over
+DICOMweb, only its header) and tells a callback; nothing is decoded beyond the
+header and no patient attribute is ever logged.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ _CONTEXT_RESULTS = {
 class StorageHandlers:
     """pynetdicom event handlers of the listener; they spool and hand off, nothing more."""
 
-    def __init__(self, spool_dir: Path, on_spooled: SpooledCallback, on_ended: EndedCallback) -> None:
+    def __init__(self, spool_dir: Path, on_spooled: SpooledCallback, on_ended: EndedCallback,
+                 keep_pixels: bool = True) -> None:
         self.spool_dir = Path(spool_dir)
+        #: False: spool each instance's header only (workers read its frames from the PACS over DICOMweb).
+        self.keep_pixels = keep_pixels
         self.on_spooled = on_spooled
         self.on_ended = on_ended
         self._release_requested: weakref.WeakSet = weakref.WeakSet()
@@ -99,7 +103,8 @@ class StorageHandlers:
                         request.AffectedSOPInstanceUID)
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
-            path = spool_instance(self.spool_dir, study_uid, series_uid, sop_uid, event.dataset_path)
+            path = spool_instance(self.spool_dir, study_uid, series_uid, sop_uid, event.dataset_path,
+                                  None if self.keep_pixels else ds)
         except (SpoolPathError, SpoolConflictError) as exc:
             log.warning("C-STORE refused (cannot understand): %s", exc)
             return CANNOT_UNDERSTAND
@@ -178,7 +183,7 @@ def start_listener(settings, on_spooled: SpooledCallback, on_ended: EndedCallbac
 
     ``settings`` is a :class:`worker.settings.Settings` (network, AE, TLS and spool keys).
     """
-    handlers = StorageHandlers(settings.spool_dir, on_spooled, on_ended)
+    handlers = StorageHandlers(settings.spool_dir, on_spooled, on_ended, keep_pixels=settings.slide_source == "spool")
     ae = build_ae(settings.ae_title, settings.allowed_calling_aets, settings.dicom_timeout_seconds,
                   settings.max_associations)
     tls = listener_tls_context(settings)
@@ -186,6 +191,6 @@ def start_listener(settings, on_spooled: SpooledCallback, on_ended: EndedCallbac
                              evt_handlers=handlers.bindings(), ssl_context=tls)
     mode = "plain TCP" if tls is None else \
         f"TLS, client certificate {'required' if settings.tls_require_client_cert else 'not required'}"
-    log.info("listening as %s on %s:%d (%s; spool %s)", settings.ae_title, *server.server_address[:2], mode,
-             settings.spool_dir)
+    log.info("listening as %s on %s:%d (%s; spool %s%s)", settings.ae_title, *server.server_address[:2], mode,
+             settings.spool_dir, "" if handlers.keep_pixels else ", headers only: workers read frames over DICOMweb")
     return server

@@ -20,7 +20,6 @@ again rather than a duplicate.
 from __future__ import annotations
 
 import fcntl
-import io
 import logging
 import ssl
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_io.dicomweb import LATER, STORED, DicomWebServer, StowSession
-from dicom_io.spool import checked_uid, write_atomic
+from dicom_io.spool import checked_uid, encode, write_atomic
 from dicom_io.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,8 @@ class Destination:
 
     @property
     def name(self) -> str:
-        return f"{self.ae_title} at {self.host}:{self.port}" + (" (TLS)" if self.tls_args else "")
+        """How job status names the destination: its AE title."""
+        return self.ae_title
 
     def connect(self, headers: list[Dataset]) -> Link:
         """One association proposing the SOP classes and transfer syntaxes of ``headers`` (PS3.8 7.1)."""
@@ -92,7 +92,7 @@ class Destination:
             syntaxes = {h.file_meta.TransferSyntaxUID for h in headers if h.SOPClassUID == sop_class}
             ae.add_requested_context(sop_class, sorted(syntaxes | {ExplicitVRLittleEndian, ImplicitVRLittleEndian}))
         return _Association(ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=self.tls_args),
-                            self.name)
+                            f"{self.ae_title} at {self.host}:{self.port}" + (" (TLS)" if self.tls_args else ""))
 
 
 class _Association:
@@ -132,6 +132,7 @@ class StowDestination:
 
     @property
     def name(self) -> str:
+        """How job status names the destination: its URL (no credentials)."""
         return self.server.shown
 
     def connect(self, headers: list[Dataset]) -> Link:
@@ -168,13 +169,6 @@ class FlushReport:
     waiting: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     unreachable: str = ""
-
-
-def encode(ds: Dataset) -> bytes:
-    """A Part 10 file (preamble, File Meta Information) of ``ds``, as bytes."""
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 #: ``on_series(source_series_uid, delivered_now, still_waiting, rejection_reason)``, called under the series lock.

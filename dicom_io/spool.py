@@ -1,5 +1,10 @@
 """On-disk spool of received instances: ``<spool>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``.
 
+With ``slide_source = "dicomweb"`` only each instance's header is kept (the
+data set up to Pixel Data, PS3.10 file): workers read the frames from the PACS
+(:mod:`dicom_io.dicomweb`), so the spool needs no room for pixels and no
+worker needs to see it.
+
 Every file is written atomically (temporary file in the same folder, fsync,
 rename, fsync of the folder), so a reader never sees a half-written instance,
 whatever happens to the process or the disk in the middle. Path parts are
@@ -10,12 +15,17 @@ spool.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+import pydicom
+from pydicom import Dataset
+from pydicom.filereader import read_file_meta_info
 
 from dicom_io.uids import is_valid_uid
 
@@ -93,8 +103,20 @@ def copy_atomic(path: Path, source: Path, tmp_dir: Path | None = None) -> None:
     _write_atomic(path, fill, tmp_dir)
 
 
-def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, source: Path) -> Path:
+def encode(ds: Dataset) -> bytes:
+    """A Part 10 file (preamble, File Meta Information) of ``ds``, as bytes."""
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, source: Path,
+                   header: Dataset | None = None) -> Path:
     """Store one received DICOM file (preamble, File Meta Information, data set) in the spool.
+
+    With ``header`` (the file read up to its Pixel Data) only that is stored,
+    as a Part 10 file of its own: the instance's metadata for a slide read over
+    DICOMweb.
 
     Partial files live in ``<spool>/.incoming`` until renamed, so a series
     folder only ever holds complete instances. An instance whose series is
@@ -109,7 +131,10 @@ def spool_instance(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: st
     if elsewhere:
         raise SpoolConflictError(f"series {series_uid} is already spooled under study {elsewhere[0]}, not "
                                  f"{study_uid}: refusing to mix studies in one series")
-    copy_atomic(path, source, Path(spool_dir) / INCOMING)
+    if header is None:
+        copy_atomic(path, source, Path(spool_dir) / INCOMING)
+    else:
+        write_atomic(path, encode(header), Path(spool_dir) / INCOMING)
     return path
 
 
@@ -136,3 +161,8 @@ def receiving_marker(folder: Path) -> Path:
 def instance_uids(folder: Path) -> list[str]:
     """SOP Instance UIDs of the complete instances spooled in one series folder, sorted."""
     return sorted(p.stem for p in Path(folder).glob("*.dcm"))
+
+
+def transfer_syntaxes(folder: Path) -> dict[str, str]:
+    """SOP Instance UID -> Transfer Syntax UID (File Meta Information, PS3.10 7.1) of each instance in a series folder."""
+    return {p.stem: str(read_file_meta_info(p).TransferSyntaxUID) for p in sorted(Path(folder).glob("*.dcm"))}

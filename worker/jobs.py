@@ -20,14 +20,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from dicom_io.sender import Destination, Outbox
+from dicom_io.sender import Destination, Outbox, StowDestination
 from dicom_io.series_tracker import SeriesTracker, StableSeries
-from dicom_io.spool import SpoolPathError, checked_uid, instance_uids, write_atomic
+from dicom_io.spool import SpoolPathError, checked_uid, instance_uids, transfer_syntaxes, write_atomic
 from worker import metrics
 from worker.settings import Settings
 
@@ -141,18 +141,27 @@ def content_key(series_uid: str, sop_uids: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """What a worker needs to score one series: where it is spooled and which series it must be."""
+    """What a worker needs to score one series: where it is and which series it must be.
+
+    ``source`` "spool": the instances are in ``series_dir``. "dicomweb": the
+    listener kept headers only; the worker reads ``instances`` (SOP Instance
+    UID -> Transfer Syntax UID as received) of the study and series from the
+    PACS at its ``dicomweb_url``.
+    """
 
     series_dir: str
     series_instance_uid: str
+    source: str = "spool"
+    study_instance_uid: str = ""
+    instances: dict[str, str] = field(default_factory=dict)
 
 
 #: Hands a claimed job to a worker (Celery ``delay`` or the embedded queue's ``put``).
 Enqueue = Callable[[Job], None]
 
 
-def dispatch_stable(tracker: SeriesTracker, store: JobStore, enqueue: Enqueue) -> list[Job]:
-    """Turn every series that just became stable into at most one queued job.
+def dispatch_stable(tracker: SeriesTracker, store: JobStore, enqueue: Enqueue, source: str = "spool") -> list[Job]:
+    """Turn every series that just became stable into at most one queued job (read from ``source``).
 
     If the store or the queue is unreachable the series goes back to the
     tracker and is tried again after another quiet period; nothing is lost.
@@ -160,7 +169,7 @@ def dispatch_stable(tracker: SeriesTracker, store: JobStore, enqueue: Enqueue) -
     queued = []
     for stable in tracker.pop_stable():
         try:
-            job = _dispatch_one(stable, store, enqueue)
+            job = _dispatch_one(stable, store, enqueue, source)
         except Exception as exc:  # broker or store down: keep the series, try again later
             log.warning("series %s not queued yet (%s: %s); will retry", stable.series_instance_uid,
                         type(exc).__name__, exc)
@@ -171,7 +180,7 @@ def dispatch_stable(tracker: SeriesTracker, store: JobStore, enqueue: Enqueue) -
     return queued
 
 
-def _dispatch_one(stable: StableSeries, store: JobStore, enqueue: Enqueue) -> Job | None:
+def _dispatch_one(stable: StableSeries, store: JobStore, enqueue: Enqueue, source: str) -> Job | None:
     uids = instance_uids(stable.folder)
     key = content_key(stable.series_instance_uid, uids)
     if not store.claim(key):
@@ -179,6 +188,9 @@ def _dispatch_one(stable: StableSeries, store: JobStore, enqueue: Enqueue) -> Jo
                  stable.series_instance_uid, len(uids))
         return None
     job = Job(str(stable.folder), stable.series_instance_uid)
+    if source == "dicomweb":
+        job = Job(str(stable.folder), stable.series_instance_uid, source, stable.study_instance_uid,
+                  transfer_syntaxes(stable.folder))
     try:
         store.set_status(job.series_instance_uid, JobState.QUEUED, f"{len(uids)} instances")
         enqueue(job)
@@ -219,19 +231,30 @@ def retry_job(settings: Settings, store: JobStore, series_uid: str, enqueue: Enq
                          "expected 1")
     folder = folders[0]
     store.release(content_key(series_uid, instance_uids(folder)))
-    job = _dispatch_one(StableSeries(folder.parent.name, series_uid, folder), store, enqueue)
+    job = _dispatch_one(StableSeries(folder.parent.name, series_uid, folder), store, enqueue, settings.slide_source)
     if job is None:  # another retry claimed it in between
         raise RetryError(f"{series_uid}: already queued again by someone else")
     log.info("series %s queued again after being %s", series_uid, status.state.value)
     return job
 
 
-def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
-    """Score one spooled series and deliver its results (through the outbox); return the final state.
+def result_destination(settings: Settings) -> Destination | StowDestination:
+    """Where results go (``result_delivery``): C-STORE to destination_host/port/aet, or STOW-RS to dicomweb_url."""
+    if settings.result_delivery == "stow":
+        return StowDestination(settings.dicomweb_server())
+    return Destination.from_settings(settings)
 
-    Raises :class:`dicom_io.errors.SlideError` for input that cannot be scored
-    (the caller records it as failed) and anything else for faults worth a retry.
+
+def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
+    """Score one series, from the spool or over DICOMweb, and deliver its results (through the outbox).
+
+    Returns the final state. Raises :class:`dicom_io.errors.SlideError` for
+    input that cannot be scored (the caller records it as failed) and anything
+    else for faults worth a retry (a PACS that cannot be read now:
+    :class:`dicom_io.errors.SourceError`). A slide read over DICOMweb adds
+    ``bytes_fetched`` and ``http_requests`` to the job's stats.
     """
+    from dicom_io.dicomweb import TransferCount, open_web_slide
     from dicom_io.errors import SlideError
     from worker.pipeline import score_slide
 
@@ -239,17 +262,28 @@ def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
         store.set_status(job.series_instance_uid, JobState.RUNNING, f"scoring: {done} of {total} tissue tiles read")
 
     store.set_status(job.series_instance_uid, JobState.RUNNING)
-    result = score_slide(Path(job.series_dir), settings, progress=progress)
+    fetched = TransferCount()
+    if job.source == "dicomweb":
+        slide = open_web_slide(settings.dicomweb_server(), job.study_instance_uid, job.series_instance_uid,
+                               job.instances, fetched)
+    else:
+        slide = Path(job.series_dir)
+    result = score_slide(slide, settings, progress=progress)
     if result.source.series_instance_uid != job.series_instance_uid:
         raise SlideError(f"spool folder of series {job.series_instance_uid} holds series "
                          f"{result.source.series_instance_uid}")
+    if job.source == "dicomweb":
+        result.stats.update(fetched.stats())
+        log.info("series %s: %d bytes fetched over DICOMweb in %d requests", job.series_instance_uid,
+                 fetched.bytes, fetched.responses)
     metrics.slide_scored(result.score.call.value, result.stats)
     series = job.series_instance_uid
     # Status first, files second: whichever flusher delivers them records its outcome after this.
-    store.set_status(series, JobState.DELIVERING, f"results in the outbox for {settings.destination_aet}")
+    destination = result_destination(settings)
+    store.set_status(series, JobState.DELIVERING, f"results in the outbox for {destination.name}")
     Outbox(settings.outbox_dir).put(series, result.datasets)
     outcome: list[JobState] = []
-    Outbox(settings.outbox_dir).flush(Destination.from_settings(settings), series,
+    Outbox(settings.outbox_dir).flush(destination, series,
                                       on_series=lambda *args: outcome.append(_record_delivery(store, *args)))
     state = outcome[-1] if outcome else JobState.DELIVERING
     log.info("series %s scored (%s): %s", series, result.score.call.value, state.value)
@@ -271,7 +305,7 @@ def _record_delivery(store: JobStore, series_uid: str, delivered: int, waiting: 
 
 def deliver_outbox(settings: Settings, store: JobStore) -> int:
     """Retry everything in the outbox once, recording each series' outcome. Returns instances delivered."""
-    report = Outbox(settings.outbox_dir).flush(Destination.from_settings(settings),
+    report = Outbox(settings.outbox_dir).flush(result_destination(settings),
                                                on_series=lambda *args: _record_delivery(store, *args))
     return sum(report.delivered.values())
 

@@ -1,6 +1,6 @@
 """Start-up checks of ``her2 listen`` and ``her2 worker``: a wrong setting fails at once, in one line.
 
-A wrong Redis password or an unloadable TLS certificate would otherwise show
+A wrong Redis or DICOMweb password or an unloadable TLS certificate would otherwise show
 up only later, as a retry loop or a traceback per association. Redis that is
 merely down at start is not an error (the listener re-queues, Celery
 reconnects): it is logged and the process starts. Nothing printed here
@@ -55,7 +55,28 @@ def check_tls(settings: Settings) -> None:
         raise PreflightError(str(exc)) from None
 
 
+def check_dicomweb(settings: Settings) -> None:
+    """With a ``dicomweb_url``: one QIDO-RS query; refused credentials or an untrusted certificate stop the process.
+
+    A server that is merely down is logged; jobs and the outbox retry it.
+    """
+    from dicom_io.dicomweb import DicomWebAuthError, DicomWebError, check_access
+
+    if not settings.dicomweb_url:
+        if settings.slide_source == "dicomweb" or settings.result_delivery == "stow":
+            raise PreflightError(f"slide_source {settings.slide_source} / result_delivery {settings.result_delivery} "
+                                 "need dicomweb_url (the PACS's DICOMweb service root)")
+        return
+    try:
+        check_access(settings.dicomweb_server())
+    except DicomWebAuthError as exc:
+        raise PreflightError(str(exc)) from None
+    except DicomWebError as exc:
+        log.warning("%s; will keep trying", exc)
+
+
 def preflight(settings: Settings) -> None:
     """All start-up checks of a service process."""
     check_tls(settings)
     check_redis(settings)
+    check_dicomweb(settings)

@@ -39,7 +39,7 @@ def run_listener(settings: Settings, store: JobStore, enqueue: Enqueue, stop: th
     tick = min(1.0, settings.stable_seconds / 4)
     try:
         while not stop.wait(tick):
-            metrics.SLIDES_RECEIVED.inc(len(dispatch_stable(tracker, store, enqueue)))
+            metrics.SLIDES_RECEIVED.inc(len(dispatch_stable(tracker, store, enqueue, settings.slide_source)))
     finally:
         server.shutdown()
         log.info("listener stopped")
@@ -49,7 +49,7 @@ def celery_enqueue(job: Job) -> None:
     """Queue ``job`` on the Celery broker."""
     from worker.tasks import score_slide
 
-    score_slide.delay(job.series_dir, job.series_instance_uid)
+    score_slide.delay(job.series_dir, job.series_instance_uid, job.source, job.study_instance_uid, job.instances)
 
 
 def run_with_retries(job: Job, settings: Settings, store: JobStore, sleep=time.sleep) -> JobState:

@@ -91,11 +91,16 @@ class SlideTask(Task):
     retry_on_worker_lost=True,
     default_retry_delay=min(60, _settings.task_retry_backoff_max),  # after a lost pool child
 )
-def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str) -> str:
-    """Score the spooled series and send its results; returns the final job state ("stale"/"busy": skipped)."""
+def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str, source: str = "spool",
+                study_instance_uid: str = "", instances: dict[str, str] | None = None) -> str:
+    """Score the series (spooled, or read over DICOMweb: :class:`worker.jobs.Job`) and send its results.
+
+    Returns the final job state ("stale"/"busy": skipped).
+    """
     attempt = Attempt(self.request.id, self.request.retries, series_instance_uid, tuple(self.request.args))
+    job = Job(series_dir, series_instance_uid, source, study_instance_uid, instances or {})
     return run_leased(self.leases, attempt, _settings.job_lease_renew_seconds,
-                      lambda: run_job(Job(series_dir, series_instance_uid), _settings, self.store).value)
+                      lambda: run_job(job, _settings, self.store).value)
 
 
 def requeue(attempt: Attempt) -> None:
