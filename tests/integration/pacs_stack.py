@@ -7,12 +7,14 @@ redis-server and dcmtk with ``deploy/install.sh --services``.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -152,12 +154,15 @@ class Orthanc(Server):
     """Orthanc with a generated config: our listener as modality ``her2``, HER2 routing Lua, StableAge 2 s.
 
     ``listener_tls`` makes Orthanc route to the listener over DICOM TLS; ``extra_config`` adds or
-    replaces top-level options (e.g. ``DicomTlsEnabled`` and the certificate files).
+    replaces top-level options (e.g. ``DicomTlsEnabled`` and the certificate files). ``http_user``
+    (name, password) turns on HTTP basic authentication, which our REST calls then use; with
+    ``https_ca`` (the CA of ``SslCertificate``) they go over HTTPS.
     """
 
     def __init__(self, root: Path, listener_port: int, stable_age: int = 2, listener_tls: bool = False,
-                 **extra_config) -> None:
+                 http_user: tuple[str, str] | None = None, https_ca: Path | None = None, **extra_config) -> None:
         self.dicom_port, self.http_port = free_port(), free_port()
+        self.http_user, self.https_ca = http_user, https_ca
         root.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "her2-test-pacs",
@@ -176,6 +181,7 @@ class Orthanc(Server):
             "DicomModalities": {"her2": {"AET": LISTENER_AET, "Host": "127.0.0.1", "Port": listener_port,
                                          "UseDicomTls": listener_tls}},
             "DicomScuTimeout": 30,
+            **({"AuthenticationEnabled": True, "RegisteredUsers": dict([http_user])} if http_user else {}),
             **extra_config,
         }
         config_path = root / "orthanc.json"
@@ -196,9 +202,16 @@ class Orthanc(Server):
         except OSError:
             return False
 
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.https_ca else 'http'}://127.0.0.1:{self.http_port}"
+
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
-        with urllib.request.urlopen(request, timeout=30) as response:
+        request = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
+        if self.http_user:
+            request.add_header("Authorization", "Basic " + base64.b64encode(":".join(self.http_user).encode()).decode())
+        context = ssl.create_default_context(cafile=str(self.https_ca)) if self.https_ca else None
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
             return response.read()
 
     def get(self, path: str):
