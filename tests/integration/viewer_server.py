@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 DICOMWEB = "/dicom-web"
 #: Binary value representations that PS3.18 F.2.7 sends as BulkDataURI or InlineBinary, never as "Value".
@@ -55,7 +56,7 @@ class ViewerServer:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> ViewerServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -74,7 +75,7 @@ class ViewerServer:
             def log_message(self, *args) -> None:  # quiet: the test reads server.requests
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 if self.path.startswith(DICOMWEB + "/"):
                     self._proxy()
                 else:
