@@ -117,16 +117,23 @@ class TransferCount:
         return {"bytes_fetched": self.bytes, "http_requests": self.responses}
 
 
-class _TimeoutAdapter(HTTPAdapter):
-    """Gives every request a timeout (dicomweb-client sets none by default)."""
+class _ServerAdapter(HTTPAdapter):
+    """Gives every request our timeout (dicomweb-client sets none) and, when set, our CA file.
 
-    def __init__(self, timeout: float) -> None:
+    The CA is applied here because requests lets ``REQUESTS_CA_BUNDLE`` or
+    ``CURL_CA_BUNDLE`` in the environment override a session's ``verify``.
+    """
+
+    def __init__(self, timeout: float, ca_file: Path | None) -> None:
         super().__init__()
         self.timeout = timeout
+        self.ca_file = ca_file
 
     def send(self, request, **kwargs):  # type: ignore[override]
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.timeout
+        if self.ca_file is not None:
+            kwargs["verify"] = str(self.ca_file)
         return super().send(request, **kwargs)
 
 
@@ -139,8 +146,7 @@ def session(server: DicomWebServer, count: TransferCount | None = None) -> reque
         s.headers["Authorization"] = f"Bearer {server.token}"
     elif server.username:
         s.auth = requests.auth.HTTPBasicAuth(server.username, server.password)
-    s.verify = str(server.ca_file) if server.ca_file else True
-    adapter = _TimeoutAdapter(server.timeout)
+    adapter = _ServerAdapter(server.timeout, server.ca_file)
     s.mount("http://", adapter)
     s.mount("https://", adapter)
     if count is not None:
