@@ -97,7 +97,8 @@ def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str, sour
 
     Returns the final job state ("stale"/"busy": skipped).
     """
-    attempt = Attempt(self.request.id, self.request.retries, series_instance_uid, tuple(self.request.args))
+    attempt = Attempt(self.request.id, self.request.retries, series_instance_uid, tuple(self.request.args),
+                      dict(self.request.kwargs or {}))
     job = Job(series_dir, series_instance_uid, source, study_instance_uid, instances or {})
     return run_leased(self.leases, attempt, _settings.job_lease_renew_seconds,
                       lambda: run_job(job, _settings, self.store).value)
@@ -105,7 +106,7 @@ def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str, sour
 
 def requeue(attempt: Attempt) -> None:
     """Queue ``attempt`` of a job whose worker was lost: same task id, ``retries`` = its number."""
-    score_slide.apply_async(args=attempt.args, task_id=attempt.task_id, retries=attempt.number)
+    score_slide.apply_async(args=attempt.args, kwargs=attempt.kwargs, task_id=attempt.task_id, retries=attempt.number)
 
 
 def sweep_expired_leases(store: JobStore, leases: Leases) -> list[Attempt]:
