@@ -3,8 +3,8 @@
 A small synthetic 40x slide is scored by the real pipeline (so both graders run and the cell ANN
 exists); the slide, SR, SEG and ANN go into Orthanc with its DICOMweb plugin; viewer/index.html is
 served with a proxy of /dicom-web from one origin (tests/integration/viewer_server.py) and opened
-in Debian's chromium by puppeteer-core (viewer/snapshot.mjs). Screenshots are kept in the test's
-tmp dir and copied to out/viewer-test/ (the path is printed).
+in Debian's chromium by puppeteer-core (viewer/snapshot.mjs). Screenshots and the page's reports
+are kept in the test's tmp dir and copied to out/viewer-test/ (the path is printed).
 
 The viewer turns this slide by 180 degrees (its Image Orientation (Slide) is (0, -1, 0, -1, 0, 0));
 the test does not assume it: it maps slide pixels to the page with the viewer's own map
@@ -24,6 +24,7 @@ import pydicom
 import pytest
 from pacs_stack import REPO, Orthanc, binary, free_port
 from PIL import Image
+from test_cell_annotations import specimen_module_tags
 from viewer_server import ViewerServer
 
 from dicom_io.codes import CLASS_COLOURS, TILE_CLASS_CODES
@@ -80,8 +81,9 @@ def viewed(tmp_path_factory):
             requests = list(server.requests)
     finally:
         orthanc.stop()
+    (root / "viewer-reports.json").write_text(json.dumps({"checked": checked, "reader": reader}, indent=1))
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    for name in ("viewer-heatmap.png", "viewer-cells.png"):
+    for name in ("viewer-heatmap.png", "viewer-cells.png", "viewer-reports.json"):
         shutil.copy(root / name, ARTEFACTS / name)
     print(f"viewer screenshots: {root} and {ARTEFACTS}")
     return {"root": root, "levels": levels, "seg": seg, "ann": ann, "checked": checked, "reader": reader,
@@ -168,6 +170,37 @@ def test_each_class_colour_is_where_the_seg_puts_that_class(viewed):
     colours = shot[xy[empty, 1], xy[empty, 0]]
     near = (np.abs(colours[:, None, :] - palette[None]).max(axis=2) <= 25).any(axis=1)
     assert empty.sum() == 0 or near.mean() <= 0.05, f"{near.mean():.3f} of undrawn pixels show a class colour"
+
+
+def test_pipeline_results_validate_with_dicom3tools(viewed):
+    """The pipeline's own SR, SEG and ANN of this slide: dciodvfy and dcentvfy (dicom3tools) find only what is documented.
+
+    dciodvfy: no error; warnings only for the local 99HER2 codes and, on the ANN, the Specimen Module
+    that PS3.3 now allows there but dicom3tools 2022 does not know (tests/test_cell_annotations.py).
+    dcentvfy over slide + results: entity-level consistency; its one remark is Accession Number, which
+    dicom3tools files under Study in the SR and under Series in the WSM, SEG and ANN IODs (the same
+    value in every object: the slide's).
+    """
+    results = sorted((viewed["root"] / "results").glob("*.dcm"))
+    assert len(results) == 3
+    specimen = specimen_module_tags()
+    for path in results:
+        done = subprocess.run([binary("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60,
+                              check=False)
+        report = done.stdout + done.stderr
+        lines = [line for line in report.splitlines() if line.startswith(("Error", "Warning"))]
+        assert not [line for line in lines if line.startswith("Error")], (path.name, report)
+        unexpected = [line for line in lines if "Unrecognized defined term <99HER2>" not in line
+                      and not (path.name.endswith("_ann.dcm") and ("Standard Extended" in line
+                                                                   or any(tag in line for tag in specimen)))]
+        assert not unexpected, (path.name, unexpected)
+    slide = sorted((viewed["root"] / "slide").glob("*.dcm"))
+    report = subprocess.run([binary("dcentvfy"), *map(str, slide + results)], capture_output=True, text=True, check=False,
+                            timeout=120)
+    lines = [line for line in (report.stdout + report.stderr).splitlines() if line.strip()]
+    assert not [line for line in lines if "Element=<AccessionNumber> IE <" not in line], lines
+    assert {ds.AccessionNumber for ds in (viewed["seg"], viewed["ann"], *viewed["levels"])} == \
+        {viewed["levels"][0].AccessionNumber}
 
 
 def test_slide_area_is_not_blank(viewed):
