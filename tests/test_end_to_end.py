@@ -62,20 +62,37 @@ def test_result_objects_read_back(scored, slides):
         assert seg.SOPInstanceUID in evidence
         assert referenced - evidence and referenced - evidence <= source_uids
         assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+        # The heatmap's pixels tile each scored tile (step scored-level pixels each, step | tile size, 8..128 per
+        # tile) and, where the pyramid has such a level, share that level's pixel grid.
         grid = result.score.grid
-        assert (seg.TotalPixelMatrixRows, seg.TotalPixelMatrixColumns) == (grid.rows, grid.cols)
         spacing = [float(v) for v in seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing]
-        assert spacing == pytest.approx([grid.tile_size * grid.pixel_spacing_mm[0]] * 2)
+        step = round(spacing[0] / grid.pixel_spacing_mm[0])
+        assert spacing == pytest.approx([step * grid.pixel_spacing_mm[0]] * 2)
+        assert grid.tile_size % step == 0 and 8 <= grid.tile_size // step <= 128
+        assert seg.TotalPixelMatrixRows >= (grid.rows - 1) * grid.tile_size // step
+        assert seg.TotalPixelMatrixColumns >= (grid.cols - 1) * grid.tile_size // step
+        levels = [pydicom.dcmread(p, stop_before_pixels=True) for p in slides[name].glob("*.dcm")]
+        same = [ds for ds in levels if float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+                                             .PixelSpacing[0]) == pytest.approx(spacing[0], rel=1e-6)]
+        assert not same or (seg.TotalPixelMatrixRows, seg.TotalPixelMatrixColumns) == \
+            (same[0].TotalPixelMatrixRows, same[0].TotalPixelMatrixColumns)
 
 
 def test_heatmap_holds_tile_probabilities(scored):
     result = scored["mixed"]
     files = {p.name: p for p in result.files}
     seg = hd.seg.segread(files["her2_heatmap_seg.dcm"])
+    grid = result.score.grid
+    step = round(float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0])
+                 / grid.pixel_spacing_mm[0])
+    per_tile = grid.tile_size // step
     probs = np.nan_to_num(result.score.probabilities)
     for k in range(len(CLASSES)):
-        tpm = seg.get_total_pixel_matrix(segment_numbers=[k + 1], combine_segments=False)
-        assert np.abs(tpm[..., 0] - probs[..., k]).max() <= 1 / 255 + 1e-6
+        tpm = seg.get_total_pixel_matrix(segment_numbers=[k + 1], combine_segments=False)[..., 0]
+        expected = np.repeat(np.repeat(probs[..., k], per_tile, axis=0), per_tile, axis=1)
+        rows, cols = min(tpm.shape[0], expected.shape[0]), min(tpm.shape[1], expected.shape[1])
+        assert np.abs(tpm[:rows, :cols] - expected[:rows, :cols]).max() <= 1 / 255 + 1e-6
+        assert not tpm[rows:].any() and not tpm[:, cols:].any()
 
 
 def test_scoring_twice_gives_identical_uids(scored, slides, tmp_path):

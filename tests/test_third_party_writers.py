@@ -140,9 +140,13 @@ def test_tiles_are_resampled_from_the_nearest_finer_level_when_the_pyramid_skips
                 tile_centre_position(source_ds, 1024, row, col), abs=1e-9)
         score = uniform_score(700, 600, 1.0)
         seg = build_heatmap(slide.source_datasets, level_ds, score, ALGORITHM)
+        # Heatmap pixel (0, 0) covers the first step x step pixels of the resampled level: the heatmap takes the
+        # 8 um/px level's grid (step 8, 64 heatmap pixels per tile), i.e. 2 * step source pixels at 0.5 um/px.
+        step = round(float(seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) / 0.001)
+        assert step == 8
         position = seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSlideSequence[0]
         assert [float(position.XOffsetInSlideCoordinateSystem), float(position.YOffsetInSlideCoordinateSystem)] == \
-            pytest.approx(tile_centre_position(source_ds, 1024)[:2], abs=1e-6)
+            pytest.approx(tile_centre_position(source_ds, 2 * step)[:2], abs=1e-6)
         assert build_sr(slide.source_datasets, level_ds, score, ALGORITHM).SOPClassUID.name == "Comprehensive 3D SR Storage"
 
 
