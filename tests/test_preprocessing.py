@@ -86,7 +86,9 @@ def test_haematoxylin_only_slides_get_no_dab_from_other_centres_stain():
             tiles = _tiles(spec)
             norm = fit_stains(tiles)
             assert norm.notes == []
-            dab[centre, grade] = float(np.percentile(norm.concentrations(tiles)[..., 1], 99.9))
+            # 99th percentile: the generator's grey-brown false hits (red cells, pigment: DAB ~0.25 on ~0.7 % of
+            # the tissue, in every class as on real cores) set the 99.9th of every slide alike
+            dab[centre, grade] = float(np.percentile(norm.concentrations(tiles)[..., 1], 99))
     assert dab["B", "0"] < 0.8 * dab["A", "1+"] and dab["A", "0"] < 0.8 * dab["A", "1+"]
     assert dab["B", "0"] < dab["B", "1+"]
 
