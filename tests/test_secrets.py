@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 
 from worker.preflight import PreflightError, check_tls
 from worker.settings import load_settings, redact_url
@@ -19,6 +20,9 @@ SECRET_PATTERNS = {
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     "password in a Redis URL": re.compile(r"rediss?://[^\s:/@\"']*:(?![$*{<])[^\s@\"']+@"),
     "literal requirepass": re.compile(r"requirepass[\"']?,?\s+[\"'](?!\$)|requirepass\s+(?![\"'$])[^\s,\])]+(?=\s|$)"),
+    "literal DICOMweb password or token": re.compile(
+        r"HER2_DICOMWEB_(?:PASSWORD|TOKEN)[:=]\s*[\"']?(?![$*{<])[^\s\"']+"
+        r"|^\s*dicomweb_(?:password|token)\s*=\s*[\"'](?![$*{<])[^\"']+[\"']", re.MULTILINE),
 }
 #: This file, whose examples must match the patterns.
 SELF = Path(__file__).resolve()
@@ -52,6 +56,54 @@ def test_secret_patterns_catch_what_they_should():
     assert not SECRET_PATTERNS["literal requirepass"].search('--requirepass "$REDIS_PASSWORD"')
     assert not SECRET_PATTERNS["literal requirepass"].search('auth = ["--requirepass", password]')
     assert SECRET_PATTERNS["literal requirepass"].search("redis-server --requirepass hunter2 --port 6379")
+    dicomweb = SECRET_PATTERNS["literal DICOMweb password or token"]
+    assert dicomweb.search("HER2_DICOMWEB_PASSWORD: hunter2") and dicomweb.search("export HER2_DICOMWEB_TOKEN=abc")
+    assert dicomweb.search('dicomweb_password = "hunter2"')
+    assert not dicomweb.search("HER2_DICOMWEB_PASSWORD: ${ORTHANC_PASSWORD:?set ORTHANC_PASSWORD}")
+    assert not dicomweb.search('HER2_DICOMWEB_PASSWORD="$(cat /run/secrets/pacs)"')
+    assert not dicomweb.search('dicomweb_password: SecretStr = Field(SecretStr(""), description="...")')
+
+
+def test_compose_remote_worker_shares_no_volume_and_gets_the_pacs_password_from_the_environment():
+    compose = (REPO / "compose.yaml").read_text()
+    remote = compose[compose.index("  worker-remote:"):compose.index("  worker-gpu:")]
+    assert "her2-data" not in remote and 'profiles: ["remote"]' in remote
+    assert "HER2_DICOMWEB_PASSWORD: ${ORTHANC_PASSWORD:?" in compose
+
+
+def test_dicomweb_credentials_never_printed(capsys, monkeypatch):
+    from dicom_io.dicomweb import DicomWebServer, describe
+    from worker.cli import main
+
+    monkeypatch.setenv("HER2_DICOMWEB_PASSWORD", "s3cret-pw")
+    monkeypatch.setenv("HER2_DICOMWEB_TOKEN", "s3cret-token")
+    settings = load_settings(dicomweb_url="https://pacs.example.org/dicom-web", dicomweb_username="her2")
+    server = settings.dicomweb_server()
+    assert (server.password, server.token) == ("s3cret-pw", "s3cret-token")  # reaches the client, and only it
+    shown = [repr(settings), str(settings.model_dump()), settings.model_dump_json(), repr(server)]
+    assert main(["config"]) == 0
+    shown.append(capsys.readouterr().out)
+    error = requests.HTTPError(response=_response(401, "https://her2:s3cret-pw@pacs.example.org/dicom-web/studies"))
+    shown.append(str(describe(error, DicomWebServer("https://her2:s3cret-pw@pacs.example.org/dicom-web"), "reading")))
+    assert shown[-1] == ("DICOMweb at https://pacs.example.org/dicom-web refused our credentials (HTTP 401 "
+                         "Unauthorized) while reading")
+    assert not [text for text in shown if "s3cret" in text]
+
+
+def _response(status: int, url: str) -> requests.Response:
+    response = requests.Response()
+    response.status_code, response.reason, response.url = status, "Unauthorized", url
+    return response
+
+
+def test_dicomweb_session_sends_basic_credentials_or_a_bearer_token():
+    from dicom_io.dicomweb import DicomWebServer, session
+
+    request = requests.Request("GET", "https://pacs.example.org/dicom-web/studies")
+    basic = session(DicomWebServer("https://pacs.example.org/dicom-web", "her2", "pw")).prepare_request(request)
+    assert basic.headers["Authorization"] == "Basic aGVyMjpwdw=="  # her2:pw
+    bearer = session(DicomWebServer("https://pacs.example.org/dicom-web", "her2", "pw", token="tok"))
+    assert bearer.prepare_request(request).headers["Authorization"] == "Bearer tok"  # the token wins
 
 
 def test_compose_redis_requires_the_password_from_the_environment():
