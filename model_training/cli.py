@@ -110,6 +110,27 @@ def cmd_train_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _core(item: str) -> tuple[str, Path]:
+    """``LABEL=SERIES_FOLDER`` -> (label, folder), for argparse."""
+    label, sep, folder = item.partition("=")
+    if not sep or not label or not folder:
+        raise argparse.ArgumentTypeError(f"expected LABEL=SERIES_FOLDER, got {item!r}")
+    return label, Path(folder)
+
+
+def cmd_real_tissue(args: argparse.Namespace) -> int:
+    from model_training.export import add_real_tissue
+    from model_training.real_tissue import score_real_cores
+
+    figures = score_real_cores(args.model, dict(args.core))
+    add_real_tissue(args.model, figures, args.data)
+    for f in figures:
+        pct = " / ".join(f"{f.percentages[c]:.1f}" for c in f.percentages)
+        print(f"{f.label}: CNN call {f.call}, 0/1+/2+/3+ {pct} %, score {f.expected_score:.2f}")
+    print(f"wrote the real_tissue block of {args.model.with_suffix('.json')}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from model_training.explain import dab_membrane_mask, explanation_report
     from model_training.recipes import load_datasets
@@ -214,6 +235,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes rendering synthetic slides")
     _common(p)
     p.set_defaults(func=cmd_train_default)
+
+    p = sub.add_parser("real-tissue", help="score real cores with a model (CNN only) and record them in its card",
+                       description="Score DICOM WSI series of real cores with the model's CNN (membrane grader "
+                       "off) and write each core's call, tumour-area percentages and 0*p0+1*p1+2*p2+3*p3 into the "
+                       "card's real_tissue block. Scoring only: nothing is fitted on the cores.")
+    p.add_argument("model", type=Path, help="ONNX model (its card is the .json beside it)")
+    p.add_argument("--core", action="append", required=True, type=_core, metavar="LABEL=SERIES_FOLDER",
+                   help="a core's pathologists' label and its DICOM series folder (repeat per core)")
+    p.add_argument("--data", required=True, help="what the cores are (source, scores, converter), for the card")
+    p.set_defaults(func=cmd_real_tissue)
 
     p = sub.add_parser("explain", help="Grad-CAM / Score-CAM overlays with MAP and EC",
                        description="Explain tiles of a split with Grad-CAM and Score-CAM; report Membrane Activation "

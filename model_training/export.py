@@ -20,7 +20,7 @@ from torch import nn
 
 from model_training.models import TileClassifier
 from worker.aggregate import CLASSES
-from worker.model_card import MAGNIFICATION_MPP, card_path
+from worker.model_card import MAGNIFICATION_MPP, RealCoreFigure, card_path, load_model_card
 from worker.preprocessing import REFERENCE
 
 INPUT_NAME = "tiles"
@@ -93,3 +93,15 @@ def write_card(card: dict, model_path: Path) -> Path:
     path = card_path(model_path)
     path.write_text(json.dumps(card, indent=1, default=float) + "\n")
     return path
+
+
+def add_real_tissue(model_path: Path, figures: list[RealCoreFigure], data: str) -> dict:
+    """Put ``figures`` (results on real cores, scoring only) into the card of ``model_path`` as its
+    ``real_tissue`` block, replacing any earlier one; the card is read back and validated. Returns the card."""
+    path = card_path(model_path)
+    card = json.loads(path.read_text())
+    card["real_tissue"] = {"data": data, "cores": [f.to_dict() for f in figures]}
+    write_card(card, model_path)
+    if load_model_card(model_path).real_tissue != tuple(figures):
+        raise RuntimeError(f"{path}: real-tissue figures did not read back")
+    return card

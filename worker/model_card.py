@@ -17,6 +17,10 @@ Schema (all keys required unless marked optional)::
       "preprocessing": {"white_fraction_max": 0.6,
                         "stain": {"method": "macenko-absolute-dab", "stain_matrix": [[...], [...]], "h_max": 1.2}},
       "training": {...}, "metrics": {...},                    # free-form provenance
+      "real_tissue": {"data": "...",                          # optional: scored, never trained on
+                      "cores": [{"label": "2+ISH-", "call": "2+",
+                                 "percentages": {"0": 0.0, "1+": 10.0, "2+": 90.0, "3+": 0.0},
+                                 "expected_score": 1.9}]},
       "intended_use": "Research use only. Not for clinical use."
     }
 """
@@ -41,6 +45,27 @@ class ModelCardError(ValueError):
 
 
 @dataclass(frozen=True)
+class RealCoreFigure:
+    """The model on one real tissue core it was never trained on: the pathologists' label, the model's slide call,
+    its tumour-area percentages per class and the continuous score 0*p0 + 1*p1 + 2*p2 + 3*p3 (fractions)."""
+
+    label: str
+    call: str
+    percentages: dict[str, float]
+    expected_score: float
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "call": self.call, "percentages": self.percentages,
+                "expected_score": self.expected_score}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RealCoreFigure":
+        pct = {str(c): float(d["percentages"][c]) for c in CLASSES}
+        return cls(label=str(d["label"]), call=str(d["call"]), percentages=pct,
+                   expected_score=float(d["expected_score"]))
+
+
+@dataclass(frozen=True)
 class ModelCard:
     name: str
     version: str
@@ -55,6 +80,8 @@ class ModelCard:
     white_fraction_max: float
     stain: StainReference
     raw: dict[str, Any]
+    #: Results on real cores (scoring only), empty when the card has none.
+    real_tissue: tuple[RealCoreFigure, ...] = ()
 
     @property
     def intended_use(self) -> str:
@@ -93,6 +120,7 @@ def load_model_card(model_path: Path, white_fraction_max: float | None = None) -
             white_fraction_max=float(pre["white_fraction_max"]),
             stain=StainReference.from_dict(pre["stain"]),
             raw=raw,
+            real_tissue=tuple(RealCoreFigure.from_dict(c) for c in raw.get("real_tissue", {}).get("cores", [])),
         )
         stain_method = pre["stain"].get("method")
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:

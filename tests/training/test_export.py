@@ -64,3 +64,21 @@ def test_resizing_architectures_export_with_parity(tmp_path):
     export_onnx(model, tmp_path / "r.onnx", 128)
     tiles = np.random.default_rng(0).integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
     assert onnx_parity(model, tmp_path / "r.onnx", tiles) < 1e-4
+
+
+def test_real_tissue_figures_are_written_into_the_card_and_read_back(trained, tiny_data, tmp_path):
+    from model_training.export import add_real_tissue
+    from worker.model_card import RealCoreFigure
+
+    path = tmp_path / "m.onnx"
+    deploy(trained, {}, path, tiny_data["test"].tiles[:2], 1.0, {}, "test-model", "0.0.1")
+    assert load_model_card(path).real_tissue == ()
+    figures = [RealCoreFigure("0", "1+", {"0": 40.0, "1+": 60.0, "2+": 0.0, "3+": 0.0}, 0.6),
+               RealCoreFigure("2+ISH+", "3+", {"0": 0.0, "1+": 0.0, "2+": 49.8, "3+": 50.2}, 2.502)]
+    card = add_real_tissue(path, figures, "two cores")
+    assert card["real_tissue"]["data"] == "two cores"
+    assert load_model_card(path).real_tissue == tuple(figures)
+    card["real_tissue"]["cores"][0]["percentages"].pop("3+")
+    path.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match="malformed"):
+        load_model_card(path)

@@ -83,7 +83,7 @@ def test_lossless_training_tiles_are_the_worker_tiles_without_jpeg(tmp_path) -> 
     spec = SlideSpec(seed=8, width_um=600.0, height_um=520.0, class_mix={"2+": 1.0}, tumour_fraction=0.8)
     jpeg = slide_tileset(spec, tmp_path, mpp=1.0, tile_size=256)
     lossless = slide_tileset(spec, tmp_path, mpp=1.0, tile_size=256, lossless=True)
-    assert len(jpeg) == len(lossless) >= 3
+    assert len(jpeg) == len(lossless) >= 2
     assert np.array_equal(jpeg.class_fractions, lossless.class_fractions)
     diff = np.abs(jpeg.tiles.astype(int) - lossless.tiles.astype(int))
-    assert 0.3 < diff.mean() < 4.0  # JPEG error only (quality 90, 4:2:0)
+    assert 0.3 < diff.mean() < 6.0  # JPEG error only (quality 90, 4:2:0; it also smooths the sensor noise)
