@@ -20,6 +20,7 @@ from worker import service_cli
 from worker.model_card import ModelCardError
 from worker.preflight import PreflightError
 from worker.settings import REDIS_URL_KEYS, Settings, load_settings, redact_url
+from worker.viewer import ViewError, view
 
 EPILOG = "Research use only - not for clinical use. Configuration: --config FILE (JSON/TOML) or HER2_<KEY> env vars; see `her2 config`."
 
@@ -142,6 +143,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    try:
+        view(args.paths, args.port, ready=lambda url: print(f"open {url}   (Ctrl-C stops)", flush=True))
+    except OSError as exc:  # e.g. the port is taken, Orthanc refused a file
+        raise ViewError(f"viewer: {exc}") from exc
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="her2", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth_options(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("view", help="look at a slide and its results in dicom-microscopy-viewer (local Orthanc)",
+                       description="Store the slide and its SR/SEG/ANN in a private Orthanc (loopback, temporary "
+                       "storage) and serve viewer/index.html over its DICOMweb; prints the address, Ctrl-C stops. "
+                       "Needs `deploy/install.sh --services` (orthanc-dicomweb, npm packages of viewer/).")
+    p.add_argument("paths", type=Path, nargs="+", help="the slide's folder, then result folders or files")
+    p.add_argument("--port", type=int, default=8000, help="local port of the page (default 8000; 0: any free)")
+    p.set_defaults(func=cmd_view)
+
     p = sub.add_parser("config", help="print the effective settings and what each key means")
     common(p)
     p.set_defaults(func=cmd_config)
@@ -207,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (SlideError, AnnotationError, ModelCardError, ValidationError, FileNotFoundError, PreflightError) as exc:
+    except (SlideError, AnnotationError, ModelCardError, ValidationError, FileNotFoundError, PreflightError,
+            ViewError) as exc:
         print(f"her2: error: {exc}", file=sys.stderr)
         return 2
 

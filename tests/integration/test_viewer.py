@@ -2,7 +2,7 @@
 
 A small synthetic 40x slide is scored by the real pipeline (so both graders run and the cell ANN
 exists); the slide, SR, SEG and ANN go into Orthanc with its DICOMweb plugin; viewer/index.html is
-served with a proxy of /dicom-web from one origin (tests/integration/viewer_server.py) and opened
+served with a proxy of /dicom-web from one origin (worker/viewer.py) and opened
 in Debian's chromium by puppeteer-core (viewer/snapshot.mjs). Screenshots and the page's reports
 are kept in the test's tmp dir and copied to out/viewer-test/ (the path is printed).
 
@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pacs_stack import REPO, Orthanc, binary, free_port
+from pacs_stack import REPO, Orthanc, binary, free_port, her2
 from PIL import Image
 from test_cell_annotations import specimen_module_tags
-from viewer_server import ViewerServer
 
 from dicom_io.codes import CLASS_COLOURS, TILE_CLASS_CODES
 from model_training.synthetic import SlideSpec
@@ -33,6 +34,7 @@ from model_training.synthetic_dicom import write_synthetic_slide
 from worker.aggregate import CLASSES
 from worker.pipeline import score_slide
 from worker.settings import load_settings
+from worker.viewer import ViewerServer
 
 pytestmark = pytest.mark.integration
 
@@ -214,3 +216,26 @@ def test_slide_area_is_not_blank(viewed):
     assert area.size and area.shape[0] > 200 and area.shape[1] > 200, (left, top, right, bottom)
     luminance = area.mean(axis=2)
     assert luminance.std() > 15 and (luminance < 235).mean() > 0.3, (luminance.std(), (luminance < 235).mean())
+
+
+def test_her2_view_serves_the_slide_and_results_until_interrupted(viewed):
+    """`her2 view SLIDE RESULTS`: a private Orthanc holds them, the page and DICOMweb answer, Ctrl-C ends both."""
+    root = viewed["root"]
+    process = subprocess.Popen(her2("view", str(root / "slide"), str(root / "results"), "--port", "0"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("open http://127.0.0.1:"), (line, process.stderr.read() if process.poll() else "")
+        url = line.split()[1]
+        origin, query = url.split("/index.html?")
+        assert f"seg={viewed['seg'].SeriesInstanceUID}" in query and f"ann={viewed['ann'].SeriesInstanceUID}" in query
+        assert b"dicom-microscopy-viewer" in urllib.request.urlopen(url, timeout=30).read()
+        seg = viewed["seg"]
+        metadata = json.loads(urllib.request.urlopen(
+            f"{origin}/dicom-web/studies/{seg.StudyInstanceUID}/series/{seg.SeriesInstanceUID}/metadata",
+            timeout=30).read())
+        assert len(metadata[0]["00620002"]["Value"]) == 4  # Segment Sequence
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+
