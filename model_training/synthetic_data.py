@@ -37,7 +37,7 @@ from model_training.tileset import CALL_CLASS, SlideInfo, TileSet
 from worker.aggregate import CLASSES
 
 #: Bump when the way slides become tiles changes, so stale caches are not reused.
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 DEFAULT_CACHE = Path("out") / "training-cache"
 
 
