@@ -227,6 +227,9 @@ def open_web_slide(server: DicomWebServer, study_uid: str, series_uid: str, inst
     raises :class:`SlideError` like a spooled series would.
     """
     client = DICOMwebClient(server.url.rstrip("/"), session=session(server, count))
+    # dicomweb-client retries a failed request for about 30 s (5 attempts); a few seconds ride out a PACS
+    # restart, and longer outages are the job's retries' business (with backoff, then parked).
+    client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=500)
     wanted = dict(instances)
     headers: dict[str, Dataset] = {}
     for ds in series_metadata(client, server, study_uid, series_uid):
@@ -312,7 +315,7 @@ def _failed_sops(response: requests.Response) -> dict[str, str]:
     """SOP Instance UID -> Failure Reason of the response's Failed SOP Sequence (0008,1198), PS3.18 10.5.3."""
     try:
         ds = Dataset.from_json(response.json())
-    except Exception:  # no or no DICOM JSON body: nothing to read
+    except (ValueError, TypeError, KeyError):  # no body, or not DICOM JSON: nothing to read
         return {}
     return {str(item.get("ReferencedSOPInstanceUID", "")): f"Failure Reason 0x{int(item.get('FailureReason', 0)):04X}"
             for item in ds.get("FailedSOPSequence", [])}

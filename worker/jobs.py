@@ -27,7 +27,13 @@ from typing import Protocol
 
 from dicom_io.sender import Destination, Outbox, StowDestination
 from dicom_io.series_tracker import SeriesTracker, StableSeries
-from dicom_io.spool import SpoolPathError, checked_uid, instance_uids, transfer_syntaxes, write_atomic
+from dicom_io.spool import (
+    SpoolPathError,
+    checked_uid,
+    instance_uids,
+    transfer_syntaxes,
+    write_atomic,
+)
 from worker import metrics
 from worker.settings import Settings
 

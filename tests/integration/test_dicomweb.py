@@ -36,7 +36,15 @@ from pacs_stack import free_port, her2, tiny_wsi, wait_until
 from test_faults import copy_slide, header, wait_done
 from test_routing import check_results, results_in_study, wait_for_results
 
-from dicom_io.dicomweb import DicomWebAuthError, DicomWebServer, check_access
+from dicom_io.dicomweb import (
+    DicomWebAuthError,
+    DicomWebError,
+    DicomWebServer,
+    TransferCount,
+    check_access,
+    open_web_slide,
+)
+from dicom_io.errors import SlideError
 from dicom_io.sender import Outbox, StowDestination
 from dicom_io.uids import result_uids
 from model_training.synthetic import SlideSpec
@@ -182,7 +190,7 @@ def test_wrong_dicomweb_password_gives_one_line(web_stack, tmp_path):
     stack = web_stack
     url, wrong = f"{stack.orthanc.url}/dicom-web", "not-the-password"
     run = subprocess.run(her2("worker"), env=stack.env(**private(stack, "worker", password=wrong)),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1] == (f"her2: error: DICOMweb at {url} refused our credentials "
                                                    "(HTTP 401 Unauthorized) while checking access")
@@ -205,7 +213,7 @@ def test_wrong_dicomweb_password_gives_one_line(web_stack, tmp_path):
 class _QidoAuth(http.server.BaseHTTPRequestHandler):
     """Answers QIDO-RS with an empty result for USER/PASSWORD, 401 otherwise."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         good = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         ok = self.headers.get("Authorization") == good
         self.send_response(200 if ok else 401)
@@ -241,3 +249,25 @@ def test_dicomweb_over_https_trusts_only_the_configured_ca(tmp_path):
             check_access(DicomWebServer(url, USER, PASSWORD, ca_file=tmp_path / "missing.pem"))
     finally:
         server.shutdown()
+
+
+def test_pacs_gone_mid_slide_is_a_fault_to_retry_not_a_corrupt_tile(web_stack, slide, tmp_path):
+    stack = web_stack
+    files = copy_slide(slide[0], tmp_path / "slide", "WEB-GONE")
+    stack.orthanc.upload(files)
+    source = header(files)
+    instances = {(h := pydicom.dcmread(f, stop_before_pixels=True)).SOPInstanceUID: h.file_meta.TransferSyntaxUID
+                 for f in files}
+    count = TransferCount()
+    url = f"{stack.orthanc.url}/dicom-web"
+    with open_web_slide(DicomWebServer(url, USER, PASSWORD), source.StudyInstanceUID, source.SeriesInstanceUID,
+                        instances, count) as opened:
+        level = opened.level_for_mpp(1.0)
+        read = opened.tile_reader(level, 512)
+        assert read(0, 0).shape == (512, 512, 3) and count.bytes > 0
+        stack.orthanc.stop()
+        with pytest.raises(DicomWebError, match=rf"^DICOMweb at {re.escape(url)} unreachable while reading frames"):
+            read(0, 1)
+        with pytest.raises(DicomWebError):
+            opened.thumbnail(8.0)
+    assert not isinstance(DicomWebError("x"), SlideError)  # run_job lets it propagate: retried, then parked
