@@ -1,7 +1,7 @@
 // Open the viewer page in headless Chromium (puppeteer-core, the system browser), wait until the
 // viewer is set up and the network is quiet, save a screenshot, and print one JSON line:
-// {"her2": <window.her2>, "geometry": <window.her2Geometry()>, "console": [{type, text}],
-//  "responses": [{url, status}], "failed": [url]}.
+// {"her2": <window.her2>, "geometry": <window.her2Geometry()>, "rendered": <map drew all its tiles>,
+//  "console": [{type, text}], "responses": [{url, status}], "failed": [url]}.
 //
 //   node viewer/snapshot.mjs URL OUT.png [CHROMIUM]   (CHROMIUM defaults to /usr/bin/chromium)
 import { mkdtempSync, rmSync } from "node:fs";
@@ -21,7 +21,7 @@ const browser = await puppeteer.launch({
     "--enable-unsafe-swiftshader", "--use-angle=swiftshader", "--ignore-gpu-blocklist",
   ],
 });
-const report = { her2: null, console: [], responses: [], failed: [] };
+const report = { her2: null, rendered: false, console: [], responses: [], failed: [] };
 try {
   const page = await browser.newPage();
   await page.setViewport({ width: 1000, height: 800 });
@@ -32,7 +32,11 @@ try {
   await page.goto(url, { waitUntil: "load", timeout: 60000 });
   await page.waitForFunction("window.her2 && (window.her2.ready || window.her2.error)", { timeout: 90000 });
   await page.waitForNetworkIdle({ idleTime: 2500, timeout: 90000 });
-  await new Promise((resolve) => setTimeout(resolve, 1500)); // last tiles drawn after their decode
+  report.rendered = await Promise.race([
+    page.evaluate(() => (window.her2Rendered ? window.her2Rendered() : false)),
+    new Promise((resolve) => setTimeout(() => resolve(false), 30000)),
+  ]);
+  await new Promise((resolve) => setTimeout(resolve, 500));
   report.her2 = await page.evaluate(() => window.her2);
   report.geometry = await page.evaluate(() => window.her2Geometry && window.her2Geometry());
   await page.screenshot({ path: png });

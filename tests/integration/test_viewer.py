@@ -109,6 +109,7 @@ def test_viewer_reports_coded_coloured_segments_and_cell_groups(viewed):
     for report in (viewed["checked"], viewed["reader"]):
         state = report["her2"]
         assert state["ready"] and state["error"] is None, state
+        assert report["rendered"] is True, "the map never reported all its tiles drawn"
         assert [s["number"] for s in state["segments"]] == [1, 2, 3, 4]
         assert [s["type"] for s in state["segments"]] == [TILE_CLASS_CODES[c].meaning for c in CLASSES]
         for segment, name in zip(state["segments"], CLASSES):  # the page's CIELab -> sRGB of the SEG's value
