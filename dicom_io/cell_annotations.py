@@ -81,6 +81,7 @@ from dicom_io.result_header import (
     NOT_FOR_CLINICAL_USE,
     AlgorithmInfo,
     check_sources,
+    series_header,
     set_device_uid,
     source_result_uids,
 )
@@ -257,15 +258,9 @@ def build_cell_annotations(
         source_images=[scored_level],
         annotation_coordinate_type=AnnotationCoordinateTypeValues.SCOORD3D,
         annotation_groups=groups,
-        series_instance_uid=uids.ann_series,
-        series_number=ANN_SERIES_NUMBER,
-        sop_instance_uid=uids.ann,
-        instance_number=1,
-        **algorithm.equipment(),
+        **series_header(uids.ann_series, uids.ann, ANN_SERIES_NUMBER, ANN_SERIES_DESCRIPTION, [algorithm]),
         content_label=ANN_CONTENT_LABEL,
         content_description=f"HER2 IHC cell classes - {NOT_FOR_CLINICAL_USE}",  # 64 characters (LO)
-        series_description=ANN_SERIES_DESCRIPTION,
-        contributing_equipment=[algorithm.contributing_equipment()],
         coding_schemes=[local_scheme_item()],
     )
     set_device_uid(ann, uids.device)

@@ -8,6 +8,8 @@
 * :func:`check_sources` / :func:`source_result_uids` -- every result is made
   from the instances of one source series, which name its UIDs
   (:func:`dicom_io.uids.result_uids`);
+* :func:`series_header` -- the series, instance and equipment arguments every
+  highdicom result constructor takes;
 * :data:`NOT_FOR_CLINICAL_USE` -- the research-use wording of every object.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 from pydicom import Dataset
@@ -115,3 +118,16 @@ def source_result_uids(source_instances: Sequence[Dataset], algorithm: Algorithm
     return result_uids(source_instances[0].SeriesInstanceUID, (ds.SOPInstanceUID for ds in source_instances),
                        algorithm.name, algorithm.version, [(a.name, a.version) for a in co_algorithms])
 
+
+def series_header(series_uid: str, sop_uid: str, series_number: int, series_description: str,
+                  algorithms: Sequence[AlgorithmInfo]) -> dict[str, Any]:
+    """Series, instance and equipment arguments of a highdicom result object (one instance per series).
+
+    General Series (PS3.3 C.7.3.1), SOP Common (C.12.1) and General Equipment (C.7.5.1) of the first
+    algorithm (the one that names the object); every distinct algorithm in ``algorithms`` is listed as
+    Contributing Equipment (IHE AI Results). The Device UID is set afterwards (:func:`set_device_uid`).
+    """
+    distinct = {(a.name, a.version): a for a in algorithms}
+    return {"series_instance_uid": series_uid, "series_number": series_number, "sop_instance_uid": sop_uid,
+            "instance_number": 1, "series_description": series_description, **algorithms[0].equipment(),
+            "contributing_equipment": [a.contributing_equipment() for a in distinct.values()]}

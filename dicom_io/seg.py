@@ -28,6 +28,7 @@ from dicom_io.result_header import (
     NOT_FOR_CLINICAL_USE,
     AlgorithmInfo,
     check_sources,
+    series_header,
     set_device_uid,
     source_result_uids,
 )
@@ -224,14 +225,9 @@ def build_heatmap(
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         segment_descriptions=segments,
-        series_instance_uid=uids.seg_series,
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=uids.seg,
-        instance_number=1,
-        **algorithm.equipment(),
+        **series_header(uids.seg_series, uids.seg, SEG_SERIES_NUMBER, SEG_SERIES_DESCRIPTION, [algorithm]),
         content_label=HEATMAP_CONTENT_LABEL,
         content_description=f"HER2 heatmap - {NOT_FOR_CLINICAL_USE}",  # LO: at most 64 characters
-        series_description=SEG_SERIES_DESCRIPTION,
         pixel_measures=hd.PixelMeasuresSequence(
             pixel_spacing=(pixels.step * row_spacing, pixels.step * col_spacing),
             slice_thickness=float(thickness) if thickness is not None else None,
@@ -248,7 +244,6 @@ def build_heatmap(
         tile_pixel_array=True,
         tile_size=(frame_side, frame_side),
         omit_empty_frames=False,
-        contributing_equipment=[algorithm.contributing_equipment()],
     )
     set_device_uid(seg, uids.device)
     seg.CodingSchemeIdentificationSequence = [local_scheme_item()]  # SOP Common Module (PS3.3 C.12.1)

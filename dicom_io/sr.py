@@ -56,6 +56,7 @@ from dicom_io.geometry import check_score_fits, scored_region_outline
 from dicom_io.result_header import (
     AlgorithmInfo,
     check_sources,
+    series_header,
     set_device_uid,
     source_result_uids,
 )
@@ -416,19 +417,13 @@ def build_sr(
         imaging_measurements=[roi_group, slide_group, *grader_groups],
         referenced_images=list(source_instances),
     )
-    equipment = {(a.name, a.version): a for a in [algorithm, *(g.algorithm for g in graders)]}
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_instances, *references],
         content=report[0],
-        series_instance_uid=uids.sr_series,
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=uids.sr,
-        instance_number=1,
-        **algorithm.equipment(),
-        series_description=SR_SERIES_DESCRIPTION,
+        **series_header(uids.sr_series, uids.sr, SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION,
+                        [algorithm, *(g.algorithm for g in graders)]),
         is_complete=True,
         is_final=False,
-        contributing_equipment=[a.contributing_equipment() for a in equipment.values()],
         coding_schemes=[local_scheme_item()],
     )
     set_device_uid(sr, uids.device)
