@@ -114,3 +114,37 @@ def test_membrane_grader_call_does_not_depend_on_the_writer(scored: dict[str, di
         assert percentages == pytest.approx(reference["percentages"], abs=WRITER_SPREAD_POINTS), series.name
         cells = result.cells.summary.tumour_cells
         assert abs(cells - sum(reference["tumour_cells"].values())) < 0.05 * cells, series.name
+
+
+@pytest.mark.parametrize(("label", "h_scale"), [("1+", 0.6), ("2+ISH-", 1.5)])
+def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(label: str, h_scale: float,
+                                                                              scored: dict[str, dict],
+                                                                              tmp_path: Path) -> None:
+    """Another lab's haematoxylin: the core's haematoxylin rescaled (HED colour space) is graded like the core.
+
+    Without the counterstain gain the 1+ core at 0.6x kept 377 of its tumour cells (a quarter) and the 2+ ISH- core
+    at 1.5x was called 0 (ultralow).
+    """
+    import numpy as np
+    from PIL import Image
+    from skimage.color import hed2rgb, rgb2hed
+
+    from dicom_io.wsi_writer import SlideIdentity, write_wsi
+    from tests.conftest import REAL_HER2
+    from worker.pipeline import score_slide
+    from worker.settings import load_settings
+
+    files = {"1+": "1_154ae963-bd2a-4a12-8fa9-815ba13922ae.jpg", "2+ISH-": "2_aeb277c9-d925-4660-bb22-b8f850603d54.jpg"}
+    hed = rgb2hed(np.asarray(Image.open(REAL_HER2 / files[label]).convert("RGB")))
+    hed[..., 0] *= h_scale
+    rgb = (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
+    series = tmp_path / "s"
+    write_wsi(lambda x, y, w, h: rgb[y : y + h, x : x + w], rgb.shape[1], rgb.shape[0], 0.25,
+              SlideIdentity.synthetic(4, "H"), series)
+    result = score_slide(series, load_settings())
+    reference = scored[label]["graders"]["membrane"]
+    assert result.decided_by == "membrane", result.score.flags
+    assert result.score.call.value == reference["call"], (result.cells.summary.percentages, reference)
+    assert result.stats["membrane_h_gain"] == pytest.approx(1 / h_scale, rel=0.25)
+    cells, reference_cells = result.cells.summary.tumour_cells, sum(reference["tumour_cells"].values())
+    assert 0.6 * reference_cells <= cells <= 1.7 * reference_cells, (cells, reference_cells)

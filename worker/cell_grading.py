@@ -29,8 +29,16 @@ import numpy as np
 from dicom_io.errors import CorruptTileError
 from dicom_io.wsi import LevelInfo, Slide, TileSource
 from worker.aggregate import SlideCall, asco_cap_call
-from worker.membrane import CellTable, MembraneSummary, MembraneThresholds, grade_cells, summarise_cells
+from worker.membrane import (
+    CellTable,
+    MembraneSummary,
+    MembraneThresholds,
+    counterstain_gain,
+    grade_cells,
+    summarise_cells,
+)
 from worker.preprocessing import white_fraction
+from worker.preprocessing.tissue import glass_colour
 from worker.tiles import PreparedSlide, Position, spread_indices
 
 #: Pixel spacing (um) at which membranes are graded: a ~1.7-2 um wide membrane spans ~4 pixels. One spacing for
@@ -57,7 +65,8 @@ class CellGrading:
     pixels (column, row) of ``level``, the level the fields were read at (a
     resampled one when the pyramid has none at :data:`FIELD_MPP`).
     ``example`` is the graded field with the most tumour cells, its RGB
-    pixels and cells, for the overlay a pathologist checks.
+    pixels and cells, for the overlay a pathologist checks. ``h_gain`` is
+    the factor applied to the slide's haematoxylin (:func:`worker.membrane.counterstain_gain`).
     """
 
     summary: MembraneSummary
@@ -67,6 +76,7 @@ class CellGrading:
     fields: int
     seconds: float
     example: tuple[np.ndarray, CellTable] | None
+    h_gain: float = 1.0
 
 
 def membrane_grader_version(thresholds: MembraneThresholds) -> str:
@@ -113,9 +123,11 @@ def field_positions(prepared: PreparedSlide, level: LevelInfo, max_fields: int) 
 
 
 def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneThresholds, max_fields: int,
-                    threads: int, glass: tuple[float, float, float] | None,
-                    evidence_floor: float) -> CellGrading | None:
+                    threads: int, evidence_floor: float) -> CellGrading | None:
     """Grade tumour cells on fine fields under the slide's tissue tiles; None without a fine enough level.
+
+    Optical density is taken relative to the slide's glass and haematoxylin
+    brought to the calibration strength, both measured on the survey thumbnail.
 
     The slide call applies ASCO/CAP to the cell percentages with the same
     ``evidence_floor`` as the CNN's area percentages: a class held by no more
@@ -128,6 +140,9 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
     started = time.perf_counter()
     level, read = source.level, source.read
     stains = prepared.normaliser.source_matrix
+    survey = prepared.survey
+    glass = glass_colour(survey.thumbnail, survey.mask)
+    h_gain = counterstain_gain(survey.thumbnail, survey.mask, stains, glass, thresholds)
 
     def grade(pos: Position) -> tuple[Position, np.ndarray, CellTable] | None:
         try:
@@ -136,7 +151,7 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
             return None
         if white_fraction(rgb) > FIELD_WHITE_MAX:
             return None
-        return pos, rgb, grade_cells(rgb, level.mpp, stains, thresholds, glass=glass)
+        return pos, rgb, grade_cells(rgb, level.mpp, stains, thresholds, glass=glass, h_gain=h_gain)
 
     positions = field_positions(prepared, level, max_fields)
     tables: list[CellTable] = []
@@ -161,4 +176,5 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
         fields=len(tables),
         seconds=time.perf_counter() - started,
         example=example,
+        h_gain=h_gain,
     )

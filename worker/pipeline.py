@@ -35,7 +35,6 @@ from worker.cell_grading import MEMBRANE_GRADER, CellGrading, grade_membranes, m
 from worker.inference import TileModel
 from worker.overlay import write_cell_field, write_overlay
 from worker.settings import Settings
-from worker.preprocessing.tissue import glass_colour
 from worker.quality import QualityReport, check_graded, check_slide, check_stain
 from worker.tiles import PreparedSlide, prepare_slide, sharpness_sample, survey_slide, tile_batches, unprepared
 
@@ -120,8 +119,7 @@ def score_slide(source: Path | Slide, settings: Settings, out_dir: Path | None =
             tiles, sharpness, stats = grade_tiles(prepared, model, settings, progress)
             if settings.membrane_grader:
                 cells = grade_membranes(slide, prepared, settings.membrane_thresholds(), settings.membrane_max_fields,
-                                        settings.decode_threads, glass_colour(survey.thumbnail, survey.mask),
-                                        settings.evidence_floor_percent)
+                                        settings.decode_threads, settings.evidence_floor_percent)
             check_graded(quality, sharpness, tiles.tumour_area_mm2,
                          None if cells is None else cells.summary.tumour_cells, settings)
             stats.update(cell_stats(cells))
@@ -254,7 +252,7 @@ def cell_stats(cells: CellGrading | None) -> dict[str, float]:
         return {}
     return {"membrane_fields": cells.fields, "membrane_seconds": cells.seconds, "membrane_mpp": cells.level.mpp,
             "membrane_tumour_cells": cells.summary.tumour_cells,
-            "membrane_other_cells": cells.summary.non_tumour}
+            "membrane_other_cells": cells.summary.non_tumour, "membrane_h_gain": cells.h_gain}
 
 
 def not_assessable(grid: TileGrid, quality: QualityReport, probabilities: np.ndarray | None = None,
