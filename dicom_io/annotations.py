@@ -258,7 +258,7 @@ def build_her2_annotations(source: Dataset, polygons: Mapping[str, Sequence[np.n
     if unknown:
         raise ValueError(f"polygons has keys {sorted(unknown)}, not HER2 classes {CLASSES}")
     series_uid = derived_uid(str(source.SeriesInstanceUID), "her2-regions", kind.value)
-    groups = []
+    groups: list[AnnotationGroup] = []
     for name in [c for c in CLASSES if len(polygons.get(c, ()))]:
         groups.append(AnnotationGroup(
             number=len(groups) + 1,

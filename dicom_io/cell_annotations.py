@@ -229,7 +229,7 @@ def build_cell_annotations(
     uids = source_result_uids(source_instances, algorithm)
     to_slide = hd.spatial.ImageToReferenceTransformer.for_image(scored_level, for_total_pixel_matrix=True)
     slide_points = to_slide(points)  # (N, 3) float64, mm
-    groups = []
+    groups: list[AnnotationGroup] = []
     for k, name in enumerate(CLASSES):
         members = np.flatnonzero(labels == k)
         if members.size == 0:

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -104,7 +105,7 @@ class TransferCount:
             self.responses += 1
         read = response.iter_content
 
-        def counted(*a: object, **k: object) -> Iterator[bytes]:
+        def counted(*a: Any, **k: Any) -> Iterator[bytes]:
             for chunk in read(*a, **k):
                 with self._lock:
                     self.bytes += len(chunk)
@@ -211,7 +212,7 @@ def series_metadata(client: DICOMwebClient, server: DicomWebServer, study_uid: s
         found = client.retrieve_series_metadata(study_uid, series_uid)
         return [Dataset.from_json(item, bulk_data_uri_handler=bulk) for item in found]
     except requests.RequestException as exc:
-        if getattr(exc, "response", None) is not None and exc.response.status_code == 404:
+        if exc.response is not None and exc.response.status_code == 404:
             return []
         raise describe(exc, server, f"reading the metadata of series {series_uid}") from None
 
@@ -239,7 +240,7 @@ def open_web_slide(server: DicomWebServer, study_uid: str, series_uid: str, inst
                 raise SlideError(f"instance {sop} at {server.shown} is not a VL WSM instance of study {study_uid}")
             ds.file_meta = FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = UID(wanted[sop])
-            ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, sop
+            ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, UID(sop)
             headers[sop] = ds
     if len(headers) < len(wanted):
         raise DicomWebError(f"DICOMweb at {server.shown} holds {len(headers)} of the {len(wanted)} instances of "

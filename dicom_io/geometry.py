@@ -129,7 +129,8 @@ def scored_region_outline(scored_level: Dataset, score: SlideScore) -> np.ndarra
     return np.vstack([polygon, polygon[:1]])
 
 
-def tile_centre_position(scored_level: Dataset, tile_size: int, row: int = 0, col: int = 0) -> np.ndarray:
+def tile_centre_position(scored_level: Dataset, tile_size: int, row: int = 0,
+                         col: int = 0) -> tuple[float, float, float]:
     """Slide coordinates (x, y, z) in mm of the centre of tile (``row``, ``col``).
 
     Tile (r, c) covers image coordinates [c*T, (c+1)*T) x [r*T, (r+1)*T) of the
@@ -151,9 +152,10 @@ def tile_centre_position(scored_level: Dataset, tile_size: int, row: int = 0, co
 
     Returns
     -------
-    numpy.ndarray
-        (3,) float array.
+    tuple of float
+        (x, y, z) in mm.
 
     """
     to_slide = hd.spatial.ImageToReferenceTransformer.for_image(scored_level, for_total_pixel_matrix=True)
-    return to_slide(np.array([[(col + 0.5) * tile_size, (row + 0.5) * tile_size]], float))[0]
+    x, y, z = to_slide(np.array([[(col + 0.5) * tile_size, (row + 0.5) * tile_size]], float))[0]
+    return float(x), float(y), float(z)

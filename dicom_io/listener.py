@@ -32,13 +32,15 @@ import ssl
 import weakref
 from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import cast
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_RELEASE_RQ
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.spool import SpoolConflictError, SpoolPathError, spool_instance
@@ -89,7 +91,7 @@ class StorageHandlers:
         pynetdicom has already streamed the data set to a temporary Part 10
         file (``event.dataset_path``); only its header is parsed here.
         """
-        request = event.request
+        request = cast(C_STORE, event.request)
         try:
             ds = dcmread(event.dataset_path, stop_before_pixels=True)
             study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
@@ -141,8 +143,9 @@ class StorageHandlers:
     def handle_rejected(self, event: Event) -> None:
         """Log why an association was rejected: the A-ASSOCIATE-RJ result, source and reason (PS3.8 7.1.1.9)."""
         rj = event.assoc.acceptor.primitive
+        why = ("unknown", "unknown", "unknown") if rj is None else (rj.result_str, rj.source_str, rj.reason_str)
         log.warning("association from %s at %s rejected (%s, %s): %s", event.assoc.requestor.ae_title,
-                    event.assoc.requestor.address, rj.result_str, rj.source_str, rj.reason_str)
+                    event.assoc.requestor.address, *why)
 
     def bindings(self) -> list[tuple]:
         return [
@@ -189,6 +192,7 @@ def start_listener(settings, on_spooled: SpooledCallback, on_ended: EndedCallbac
     tls = listener_tls_context(settings)
     server = ae.start_server((settings.listen_host, settings.listen_port), block=False,
                              evt_handlers=handlers.bindings(), ssl_context=tls)
+    assert server is not None  # block=False returns the running server
     mode = "plain TCP" if tls is None else \
         f"TLS, client certificate {'required' if settings.tls_require_client_cert else 'not required'}"
     log.info("listening as %s on %s:%d (%s; spool %s%s)", settings.ae_title, *server.server_address[:2], mode,

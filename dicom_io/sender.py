@@ -50,7 +50,8 @@ DELIVERED, KEPT = "delivered", "kept"
 class Link(Protocol):
     """A destination opened for one flush; ``broken`` says why it cannot take more now ("" while it can)."""
 
-    broken: str
+    @property
+    def broken(self) -> str: ...
 
     def send(self, path: Path) -> str:
         """Send one outbox file: :data:`DELIVERED`, :data:`KEPT` or the reason the destination refused it."""

@@ -66,7 +66,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, fill: Callable[[BinaryIO], None], tmp_dir: Path | None) -> None:
+def _write_atomic(path: Path, fill: Callable[[BinaryIO], object], tmp_dir: Path | None) -> None:
     tmp_dir = Path(tmp_dir or path.parent)
     for folder in (path.parent, tmp_dir):
         folder.mkdir(parents=True, exist_ok=True)

@@ -495,14 +495,14 @@ def read_sr_graders(sr: Dataset) -> list[dict]:
         coded = {i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0] for i in items
                  if i.ValueType == "CODE"}
         basis = next(b for b, (_, concepts) in GRADER_BASES.items() if _num(items, concepts[CLASSES[0]]) is not None)
-        counts = {c: _num(items, CELL_COUNT[c]) for c in CLASSES}
+        counts = {c: v for c in CLASSES if (v := _num(items, CELL_COUNT[c])) is not None}
         out.append({
             "name": texts.get("111001"), "version": texts.get("111003"), "basis": basis,
             "call": coded[HER2_SCORE.value].CodeMeaning,
             "ultralow": HER2_CATEGORY.value in coded and _is(coded[HER2_CATEGORY.value], HER2_ULTRALOW),
             "deciding": _is(coded[SLIDE_CALL_GRADER.value], YES),
             "percentages": {c: _num(items, GRADER_BASES[basis][1][c]) for c in CLASSES},
-            "cell_counts": None if None in counts.values() else {c: int(v) for c, v in counts.items()},
+            "cell_counts": {c: int(v) for c, v in counts.items()} if len(counts) == len(CLASSES) else None,
             "connectivity": _num(items, MEMBRANE_CONNECTIVITY),
             "references": sorted({ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
                                   for i in items if i.ValueType == "NUM" for ref in i.get("ContentSequence", [])
@@ -541,7 +541,7 @@ def _is_grader_group(item: Dataset) -> bool:
 
 
 def _grader_groups(node: Dataset) -> list[Dataset]:
-    found = []
+    found: list[Dataset] = []
     for item in node.get("ContentSequence", []):
         found.extend([item] if _is_grader_group(item) else _grader_groups(item))
     return found

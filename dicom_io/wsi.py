@@ -421,7 +421,11 @@ class Slide:
         try:
             region = self._wsi.read_region((x, y), self._pyramid_level[level.index], (w, h),
                                            z=self._plane[level.index], path=self._path).convert("RGB")
-            return region if self._to_srgb is None else ImageCms.applyTransform(region, self._to_srgb)
+            if self._to_srgb is None:
+                return region
+            converted = ImageCms.applyTransform(region, self._to_srgb)
+            assert converted is not None  # no inPlace: a new image
+            return converted
         except (MemoryError, SourceError):  # out of memory, or the PACS unreachable: faults, not bad pixels
             raise
         except Exception as exc:  # wsidicom and its decoders (Pillow, imagecodecs, pydicom) raise many types
@@ -645,7 +649,7 @@ def _open_wsidicom(headers: dict[Path, Dataset], changed: dict[Path, list[str]])
     try:
         for path, ds in headers.items():
             if path in changed:
-                stream = io.BufferedReader(SplicedFile(path, ds))
+                stream: io.BufferedReader = io.BufferedReader(SplicedFile(path, ds))
                 where = UPath(path.with_name(f"{path.name} (with defaults)"))  # not a file: wsidicom keeps this stream
             else:
                 stream, where = open(path, "rb"), UPath(path)  # noqa: SIM115 - wsidicom closes it

@@ -39,11 +39,15 @@ import io
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,7 @@ def same_geometry(level: Dataset, base: Dataset) -> bool:
     """Whether ``level`` covers the area ``base`` does: extent (mm) and origin within one of its pixels."""
     spacing, base_spacing = _spacing(level), _spacing(base)
     origin, base_origin = _origin(level), _origin(base)
-    if None in (spacing, base_spacing, origin, base_origin):
+    if spacing is None or base_spacing is None or origin is None or base_origin is None:
         return False
     tolerance = max(spacing) * 1.5  # a level's extent is rounded to its pixels; its origin may be a pixel centre
     extent = (int(level.TotalPixelMatrixRows) * spacing[0], int(level.TotalPixelMatrixColumns) * spacing[1])
@@ -215,7 +219,7 @@ class SplicedFile(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: Buffer) -> int:
         view = memoryview(buffer).cast("B")
         done = 0
         if self._pos < len(self._head):

@@ -24,12 +24,12 @@ from pydicom import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
+from pydicom.uid import UID, JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
 
 #: Reads RGB uint8 pixels (h, w, 3) of the base level at pixel offset (x, y).
 TileSource = Callable[[int, int, int, int], np.ndarray]
 
-IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1424.1"
+IMPLEMENTATION_UID = UID("1.2.826.0.1.3680043.10.1424.1")
 #: The frames are sRGB (PS3.3 C.11.15 ICC Profile in the Optical Path Sequence).
 SRGB_PROFILE = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 #: Slide coordinates (mm) of the top-left corner of the scanned area.
