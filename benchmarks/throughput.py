@@ -269,6 +269,7 @@ def _torch_tile_model(model_path: Path, card):
     """
     try:
         import torch
+
         from model_training.models import TileClassifier
     except Exception as exc:  # torch not installed, or no torch definition yet
         return None, f"torch model unavailable ({type(exc).__name__}: {exc})"
@@ -421,7 +422,7 @@ def run(args: argparse.Namespace) -> None:
     from worker.quality import sharpness
     from worker.tiles import SHARPNESS_TILES
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     if args.arch:
         args.model_path = random_init_model(args.arch, args.cache, log)
     settings = _settings(args)

@@ -180,7 +180,7 @@ SeriesCallback = Callable[[str, int, int, "str | None"], None]
 def _series_lock(folder: Path) -> Iterator[bool]:
     """Exclusive, non-blocking lock of one series' outbox: yields False when another flusher holds it."""
     try:
-        fh = open(folder / LOCK, "a+b")  # noqa: SIM115 - closed below, after unlocking
+        fh = open(folder / LOCK, "a+b")
     except FileNotFoundError:  # the folder was emptied and removed meanwhile
         yield False
         return

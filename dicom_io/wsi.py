@@ -309,7 +309,7 @@ class Slide:
     def close(self) -> None:
         self._wsi.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -652,7 +652,7 @@ def _open_wsidicom(headers: dict[Path, Dataset], changed: dict[Path, list[str]])
                 stream: io.BufferedReader = io.BufferedReader(SplicedFile(path, ds))
                 where = UPath(path.with_name(f"{path.name} (with defaults)"))  # not a file: wsidicom keeps this stream
             else:
-                stream, where = open(path, "rb"), UPath(path)  # noqa: SIM115 - wsidicom closes it
+                stream, where = open(path, "rb"), UPath(path)
             streams.append(WsiDicomReadIO(stream, where))
         with use_settings(_READ_SETTINGS):
             return WsiDicom(WsiDicomFileSource(streams), True, settings=_READ_SETTINGS)

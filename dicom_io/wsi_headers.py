@@ -201,7 +201,7 @@ class SplicedFile(io.RawIOBase):
         buffer = io.BytesIO()
         pydicom.dcmwrite(buffer, header, enforce_file_format=True)
         self._head = buffer.getvalue()
-        self._file = open(path, "rb")  # noqa: SIM115 - closed with this stream
+        self._file = open(path, "rb")
         self._size = len(self._head) + self._file.seek(0, io.SEEK_END) - self._tail_start
         self._pos = 0
 

@@ -57,9 +57,9 @@ class SlideIdentity:
     stain: str = "HER2 (4B5) rabbit monoclonal, DAB, haematoxylin counterstain"
 
     @classmethod
-    def synthetic(cls, seed: int, patient_id: str, patient_name: str = "SYNTHETIC^SLIDE") -> "SlideIdentity":
+    def synthetic(cls, seed: int, patient_id: str, patient_name: str = "SYNTHETIC^SLIDE") -> SlideIdentity:
         """Deterministic identity for a synthetic slide (same seed and patient, same UIDs)."""
-        uid = lambda part: generate_uid(entropy_srcs=["her2-synth", str(seed), patient_id, part])  # noqa: E731
+        uid = lambda part: generate_uid(entropy_srcs=["her2-synth", str(seed), patient_id, part])
         return cls(
             patient_id=patient_id,
             patient_name=patient_name,
@@ -75,7 +75,7 @@ class SlideIdentity:
 
 def objective_power(mpp: float) -> int:
     """Nominal objective power for a pixel spacing (0.25 um -> 40x, 1.0 um -> 10x)."""
-    return max(1, int(round(10.0 / mpp)))
+    return max(1, round(10.0 / mpp))
 
 
 def _encode_jpeg(tile: np.ndarray, quality: int) -> bytes:
@@ -97,7 +97,7 @@ def _downsample(strip: np.ndarray) -> np.ndarray:
 class _LevelEncoder:
     """Collects row strips of one level, emits JPEG frames per tile row, feeds the next level."""
 
-    def __init__(self, width: int, height: int, tile: int, quality: int, child: "_LevelEncoder | None") -> None:
+    def __init__(self, width: int, height: int, tile: int, quality: int, child: _LevelEncoder | None) -> None:
         self.width, self.height, self.tile, self.quality, self.child = width, height, tile, quality, child
         self.cols = math.ceil(width / tile)
         self.frames: list[bytes] = []

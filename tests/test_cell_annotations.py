@@ -209,7 +209,7 @@ def test_refuses_bad_cells(source):
     ok = np.array([[10.0, 10.0], [20.0, 30.0]])
     with pytest.raises(ValueError, match="outside the scored level's Total Pixel Matrix"):
         build_cell_annotations(source, level, np.array([[10.0, 10.0], [2049.0, 5.0]]), np.array([0, 1]), GRADER)
-    with pytest.raises(ValueError, match="classes must lie in 0..3"):
+    with pytest.raises(ValueError, match=r"classes must lie in 0\.\.3"):
         build_cell_annotations(source, level, ok, np.array([0, 4]), GRADER)
     with pytest.raises(ValueError, match="expected \\(N, 2\\)"):
         build_cell_annotations(source, level, ok[:, :1], np.array([0, 1]), GRADER)

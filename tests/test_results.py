@@ -221,11 +221,11 @@ def test_result_uids_depend_on_series_content_and_model_version():
     c = result_uids(SERIES_UID + ".9", INSTANCES, "m", "1")
     assert c.sr != a.sr and c.seg != a.seg and c.device == a.device
     # A series that gained an instance after it was scored is new content: new objects, same device.
-    grown = result_uids(SERIES_UID, INSTANCES + ["1.2.3.3"], "m", "1")
+    grown = result_uids(SERIES_UID, [*INSTANCES, "1.2.3.3"], "m", "1")
     assert {grown.sr_series, grown.sr, grown.seg_series, grown.seg}.isdisjoint(values) and grown.device == a.device
     with pytest.raises(ValueError, match="not a valid DICOM UID"):
         result_uids("1.2.3/../x", INSTANCES, "m", "1")
-    with pytest.raises(ValueError, match="'1.2.03' is not a valid DICOM UID"):
+    with pytest.raises(ValueError, match=r"'1\.2\.03' is not a valid DICOM UID"):
         result_uids(SERIES_UID, ["1.2.03"], "m", "1")
     with pytest.raises(ValueError, match="source_instance_uids is empty"):
         result_uids(SERIES_UID, [], "m", "1")
@@ -401,7 +401,7 @@ def heatmap(source, level):
 
 
 def test_heatmap_geometry(source, level, heatmap):
-    score, _, ds = heatmap
+    _, _, ds = heatmap
     assert ds.SOPClassUID == pydicom.uid.SegmentationStorage
     assert ds.FrameOfReferenceUID == level.FrameOfReferenceUID
     assert ds.SegmentationType == "FRACTIONAL" and ds.SegmentationFractionalType == "PROBABILITY"
@@ -698,7 +698,7 @@ def test_sr_refuses_inconsistent_graders(source, level, evidence):
     with pytest.raises(ValueError, match="cell counts given for a 'tumour area' grader"):
         GraderResult(algorithm=ALGORITHM, call=SlideCall.ONE, percentages=CELL_PERCENTAGES, basis="tumour area",
                      cell_counts=CELL_COUNTS)
-    with pytest.raises(ValueError, match="connectivity 1.5 is outside"):
+    with pytest.raises(ValueError, match=r"connectivity 1\.5 is outside"):
         GraderResult(algorithm=MEMBRANE, call=SlideCall.ONE, percentages=CELL_PERCENTAGES, basis="tumour cells",
                      connectivity=1.5)
     with pytest.raises(ValueError, match="percentages has classes"):

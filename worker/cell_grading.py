@@ -39,7 +39,7 @@ from worker.membrane import (
 )
 from worker.preprocessing import white_fraction
 from worker.preprocessing.tissue import glass_colour
-from worker.tiles import PreparedSlide, Position, spread_indices
+from worker.tiles import Position, PreparedSlide, spread_indices
 
 #: Pixel spacing (um) at which membranes are graded: a ~1.7-2 um wide membrane spans ~4 pixels. One spacing for
 #: every slide, the one the cut-offs were calibrated at (the real cores' 0.5 um/px level), so a pyramid's choice of

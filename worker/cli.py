@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from dicom_io.errors import AnnotationError, SlideError
 from model_training import cli as training_cli
-from worker.aggregate import CLASSES
 from worker import service_cli
+from worker.aggregate import CLASSES
 from worker.model_card import ModelCardError
 from worker.preflight import PreflightError
 from worker.settings import REDIS_URL_KEYS, Settings, load_settings, redact_url

@@ -262,17 +262,17 @@ class CellTable:
         return len(self.tumour)
 
     @classmethod
-    def empty(cls, tissue_area: float = 0.0) -> "CellTable":
+    def empty(cls, tissue_area: float = 0.0) -> CellTable:
         return cls(np.zeros((0, 2), np.float32), np.zeros(0, bool), np.zeros(0, np.int8), np.zeros(0, np.float32),
                    np.zeros(0, np.float32), np.zeros(0, np.float32), tissue_area)
 
-    def select(self, rows: np.ndarray) -> "CellTable":
+    def select(self, rows: np.ndarray) -> CellTable:
         """The cells at ``rows`` (a boolean mask or indices), same tissue area."""
         return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
                                 if isinstance(getattr(self, f.name), np.ndarray)})
 
     @classmethod
-    def concatenate(cls, tables: list["CellTable"]) -> "CellTable":
+    def concatenate(cls, tables: list[CellTable]) -> CellTable:
         """All cells of ``tables`` in one table (tissue areas added)."""
         if not tables:
             return cls.empty()

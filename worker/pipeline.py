@@ -24,18 +24,26 @@ import numpy as np
 from pydicom import Dataset
 from threadpoolctl import threadpool_limits
 
-from dicom_io.errors import SlideError
 from dicom_io.cell_annotations import build_cell_annotations
+from dicom_io.errors import SlideError
 from dicom_io.result_header import AlgorithmInfo
 from dicom_io.seg import build_heatmap
 from dicom_io.sr import GraderResult, build_sr
 from dicom_io.wsi import LevelInfo, Slide, SourceIdentity, open_slide
-from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid, asco_cap_call, category_distance, class_percentages
+from worker.aggregate import (
+    CLASSES,
+    SlideCall,
+    SlideScore,
+    TileGrid,
+    asco_cap_call,
+    category_distance,
+    class_percentages,
+)
 from worker.cell_grading import MEMBRANE_GRADER, CellGrading, grade_membranes, membrane_grader_version
 from worker.inference import TileModel
 from worker.overlay import write_cell_field, write_overlay
-from worker.settings import Settings
 from worker.quality import QualityReport, check_graded, check_slide, check_stain
+from worker.settings import Settings
 from worker.tiles import PreparedSlide, prepare_slide, sharpness_sample, survey_slide, tile_batches, unprepared
 
 log = logging.getLogger(__name__)

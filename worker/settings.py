@@ -10,9 +10,9 @@ documentation.
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
 import os
 import tomllib
+from dataclasses import fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal

@@ -100,7 +100,7 @@ class Server:
         with open(self.log_path, "ab") as log:
             # preexec_fn runs before exec in the child; the servers are started from the test's main thread.
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
-                                         start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         return self
 
     def check_alive(self) -> None:

@@ -172,7 +172,7 @@ def test_pool_child_killed_mid_slide_is_retried_and_parked_if_it_dies_every_time
     poison = copy_slide(slide[0], tmp_path / "poison", "KILLED-3")
     poison_series = header(poison).SeriesInstanceUID
     send(stack, poison)
-    for attempt in range(3):  # the first attempt and task_max_retries = 2 retries
+    for _attempt in range(3):  # the first attempt and task_max_retries = 2 retries
         kill_pool_child_mid_slide(stack, worker, poison_series)
     wait_until(lambda: stack.job_state(poison_series) == "parked", 30, "the job to be parked")
     assert stack.job(poison_series)["reason"].startswith(

@@ -8,8 +8,8 @@ from worker.preprocessing.tiling import candidate_tiles, grid_for_level, white_f
 from worker.preprocessing.tissue import THUMBNAIL_MPP, tissue_mask
 
 __all__ = [
-    "THUMBNAIL_MPP",
     "REFERENCE",
+    "THUMBNAIL_MPP",
     "StainNormaliser",
     "StainReference",
     "candidate_tiles",

@@ -110,7 +110,7 @@ class StainReference:
         return {"method": "macenko-absolute-dab", "stain_matrix": [list(r) for r in self.stain_matrix], "h_max": self.h_max}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StainReference":
+    def from_dict(cls, d: dict) -> StainReference:
         m = d["stain_matrix"]
         return cls(stain_matrix=(tuple(m[0]), tuple(m[1])), h_max=float(d["h_max"]))
 
@@ -191,7 +191,7 @@ class StainNormaliser:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, pixels: np.ndarray, reference: StainReference = REFERENCE) -> "StainNormaliser":
+    def fit(cls, pixels: np.ndarray, reference: StainReference = REFERENCE) -> StainNormaliser:
         """Estimate the slide's stains from RGB pixels (..., 3) of its tissue."""
         od = optical_density(pixels.reshape(-1, 3))
         matrix, notes = estimate_stain_vectors(od, reference)
@@ -205,7 +205,7 @@ class StainNormaliser:
         return cls(source_matrix=matrix, h_scale=h_scale, reference=reference, notes=notes)
 
     @classmethod
-    def identity(cls, reference: StainReference = REFERENCE) -> "StainNormaliser":
+    def identity(cls, reference: StainReference = REFERENCE) -> StainNormaliser:
         return cls(source_matrix=reference.matrix(), h_scale=1.0, reference=reference)
 
     @staticmethod

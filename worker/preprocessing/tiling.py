@@ -36,10 +36,10 @@ def candidate_tiles(mask: np.ndarray, grid: TileGrid, min_coverage: float = 0.02
     out: list[tuple[int, int]] = []
     for r in range(grid.rows):
         r0 = int(r * mh / grid.rows)
-        r1 = max(r0 + 1, int(math.ceil((r + 1) * mh / grid.rows)))
+        r1 = max(r0 + 1, math.ceil((r + 1) * mh / grid.rows))
         for c in range(grid.cols):
             c0 = int(c * mw / grid.cols)
-            c1 = max(c0 + 1, int(math.ceil((c + 1) * mw / grid.cols)))
+            c1 = max(c0 + 1, math.ceil((c + 1) * mw / grid.cols))
             if mask[r0:r1, c0:c1].mean() >= min_coverage:
                 out.append((r, c))
     return out

@@ -9,8 +9,8 @@ small morphological clean-up.
 from __future__ import annotations
 
 import numpy as np
-from skimage.filters import threshold_otsu
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_objects
 
 from worker.preprocessing.stain import optical_density_sum
