@@ -148,3 +148,17 @@ def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(la
     assert result.stats["membrane_h_gain"] == pytest.approx(1 / h_scale, rel=0.25)
     cells, reference_cells = result.cells.summary.tumour_cells, sum(reference["tumour_cells"].values())
     assert 0.6 * reference_cells <= cells <= 1.7 * reference_cells, (cells, reference_cells)
+
+
+def test_model_card_real_tissue_figures_are_the_bundled_cnns(scored: dict[str, dict]) -> None:
+    """The bundled card's real_tissue block (her2 real-tissue) is what the CNN gives on these cores now."""
+    from worker.model_card import load_model_card
+    from worker.settings import load_settings
+
+    figures = {f.label: f for f in load_model_card(load_settings().model_path).real_tissue}
+    assert sorted(figures) == sorted(ORDER)
+    for label, s in scored.items():
+        cnn = s["graders"]["cnn"]
+        assert cnn["call"] == figures[label].call, label
+        assert cnn["percentages"] == pytest.approx(figures[label].percentages, abs=1.0), label
+        assert expected_score(cnn["percentages"]) == pytest.approx(figures[label].expected_score, abs=0.02), label
