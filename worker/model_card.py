@@ -59,7 +59,7 @@ class RealCoreFigure:
                 "expected_score": self.expected_score}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RealCoreFigure":
+    def from_dict(cls, d: dict) -> RealCoreFigure:
         pct = {str(c): float(d["percentages"][c]) for c in CLASSES}
         return cls(label=str(d["label"]), call=str(d["call"]), percentages=pct,
                    expected_score=float(d["expected_score"]))
