@@ -1,6 +1,6 @@
 """Slide source "dicomweb" without a server: what the listener keeps and what a job carries (issue 15).
 
-The DICOMweb client itself is tested against a real Orthanc in tests/integration/test_dicomweb.py.
+The DICOMweb client itself is tested against a real Orthanc in tests/integration/test_dicomweb_stack.py.
 """
 
 from __future__ import annotations
