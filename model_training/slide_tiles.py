@@ -38,7 +38,7 @@ class SlideTiles:
     positions: list[tuple[int, int]]
     patient_id: str
     centre: str
-    normaliser: "StainNormaliser | Unnormalised"  # the slide's, as fitted on its DICOM tiles
+    normaliser: StainNormaliser | Unnormalised  # the slide's, as fitted on its DICOM tiles
 
 
 def load_spec(series_dir: Path) -> SlideSpec:

@@ -168,12 +168,12 @@ class SlideSpec:
                      self.tumour_fraction, self.centre, self.patient_id, self.stain, self.artefacts))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SlideSpec":
+    def from_dict(cls, d: dict) -> SlideSpec:
         """Inverse of the ``spec`` block of ground_truth.json."""
         return cls(**{**d, "artefacts": tuple(d.get("artefacts", ()))})
 
     @cached_property
-    def layout(self) -> "_Layout":
+    def layout(self) -> _Layout:
         return _Layout(self)
 
 
@@ -324,7 +324,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     # Tumour cells: Voronoi of a jittered lattice.
     ci, cj, dx, dy, d1, d2 = _nearest_two(spec.seed, x, y, CELL_SPACING_UM, salt=11)
     gap = (d2 - d1) / 2.0  # approximate distance to the cell boundary
-    rnd = lambda salt: _hash01(spec.seed, ci, cj, salt)  # noqa: E731 - per-cell random value
+    rnd = lambda salt: _hash01(spec.seed, ci, cj, salt)
     # Semi-axes nuc_r / (1 -+ 0.23): 2.1-2.6 x 3.4-4.2 um (real median axes ~7.5 x 4.6 um).
     nuc_r = 2.6 + 0.6 * rnd(21)
     angle = np.arctan2(dy, dx)
@@ -356,7 +356,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     h_tumour = cytoplasm + (0.32 * (0.85 + 0.30 * rnd(41)) * chromatin - cytoplasm) * nucleus
 
     # Stroma: pale fibres and sparse elongated fibroblast nuclei (gaps: see _Layout.labels).
-    si, sj, sdx, sdy, s1, _ = _nearest_two(spec.seed, x, y, STROMA_SPACING_UM, salt=51)
+    si, sj, sdx, sdy, _, _ = _nearest_two(spec.seed, x, y, STROMA_SPACING_UM, salt=51)
     present = _hash01(spec.seed, si, sj, 52) < 0.35
     theta = 3.14159 * _hash01(spec.seed, si, sj, 53)
     u = sdx * np.cos(theta) + sdy * np.sin(theta)
