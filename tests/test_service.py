@@ -235,27 +235,27 @@ def test_visibility_timeout_outlasts_the_time_limit_and_the_retry_backoff_unless
 
 def test_celery_task_is_configured_for_at_least_once_delivery():
     from worker.celery_app import app
-    from worker.tasks import score_slide
+    from worker.tasks import score_series_task
 
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
     assert app.conf.broker_transport_options["visibility_timeout"] > app.conf.task_time_limit
-    assert score_slide.name == "her2.score_slide"
-    assert score_slide.autoretry_for == (Exception,) and score_slide.dont_autoretry_for == (SlideError,)
-    assert score_slide.retry_backoff is True
-    assert score_slide.retry_on_worker_lost is True  # a pool child that dies every time ends parked
+    assert score_series_task.name == "her2.score_slide"
+    assert score_series_task.autoretry_for == (Exception,) and score_series_task.dont_autoretry_for == (SlideError,)
+    assert score_series_task.retry_backoff is True
+    assert score_series_task.retry_on_worker_lost is True  # a pool child that dies every time ends parked
 
 
 def test_celery_task_records_failed_and_parked(tmp_path):
-    from worker.tasks import score_slide
+    from worker.tasks import score_series_task
 
     store = FileJobStore(tmp_path)
-    score_slide._store = store
+    score_series_task._store = store
     try:
-        score_slide.on_failure(SlideError("not a WSI"), "t1", ("/spool/x", "1.2.5"), {}, None)
-        score_slide.on_failure(TimeoutError("PACS slow"), "t2", ("/spool/y", "1.2.6"), {}, None)
+        score_series_task.on_failure(SlideError("not a WSI"), "t1", ("/spool/x", "1.2.5"), {}, None)
+        score_series_task.on_failure(TimeoutError("PACS slow"), "t2", ("/spool/y", "1.2.6"), {}, None)
     finally:
-        score_slide._store = None
+        score_series_task._store = None
     assert (store.get_status("1.2.5").state, store.get_status("1.2.5").reason) == (JobState.FAILED,
                                                                                    "not scorable: not a WSI")
     assert store.get_status("1.2.6").state is JobState.PARKED

@@ -212,7 +212,7 @@ def grade_tiles(prepared: PreparedSlide, model: TileModel, settings: Settings,
             progress(done, len(prepared.candidates))
     if corrupt > MAX_CORRUPT_SHARE * max(1, len(prepared.candidates)):
         raise SlideError(f"{corrupt} of {len(prepared.candidates)} tissue tiles could not be decoded: slide is corrupt")
-    score = aggregate(grid, probabilities, tumour, scored, settings.evidence_floor_percent)
+    score = tile_area_score(grid, probabilities, tumour, scored, settings.evidence_floor_percent)
     stats = {"tiles_candidate": len(prepared.candidates), "tiles_scored": int(scored.sum()),
              "tiles_corrupt": corrupt, "infer_seconds": infer_seconds}
     return score, np.concatenate(tile_sharpness) if tile_sharpness else np.zeros(0), stats
@@ -279,8 +279,8 @@ def not_assessable(grid: TileGrid, quality: QualityReport, probabilities: np.nda
     )
 
 
-def aggregate(grid: TileGrid, probabilities: np.ndarray, tumour: np.ndarray, scored: np.ndarray,
-              evidence_floor: float) -> SlideScore:
+def tile_area_score(grid: TileGrid, probabilities: np.ndarray, tumour: np.ndarray, scored: np.ndarray,
+                    evidence_floor: float) -> SlideScore:
     """Tumour-area weighted class percentages and the ASCO/CAP slide call (no tumour: quality control decides)."""
     flags: list[str] = [NOT_FOR_CLINICAL_USE]
     pct = class_percentages(probabilities[scored], tumour[scored])

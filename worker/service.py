@@ -47,10 +47,10 @@ def run_listener(settings: Settings, store: JobStore, enqueue: Enqueue, stop: th
 
 def celery_enqueue(job: Job) -> None:
     """Queue ``job`` on the Celery broker (a spool job's message is (series_dir, series UID), as before)."""
-    from worker.tasks import score_slide
+    from worker.tasks import score_series_task
 
     where = () if job.source == "spool" else (job.source, job.study_instance_uid, job.instances)
-    score_slide.delay(job.series_dir, job.series_instance_uid, *where)
+    score_series_task.delay(job.series_dir, job.series_instance_uid, *where)
 
 
 def run_with_retries(job: Job, settings: Settings, store: JobStore, sleep=time.sleep) -> JobState:

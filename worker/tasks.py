@@ -1,8 +1,9 @@
 """Celery tasks: thin wrappers over :mod:`worker.jobs`.
 
-``score_slide`` retries faults with exponential backoff (``task_max_retries``,
-``task_retry_backoff_max``). Bad input (:class:`dicom_io.errors.SlideError`)
-is not retried: the job is marked *failed* with the one-line reason. A job
+``score_series_task`` (registered as ``her2.score_slide``; the scoring itself is
+:func:`worker.pipeline.score_slide`) retries faults with exponential backoff
+(``task_max_retries``, ``task_retry_backoff_max``). Bad input
+(:class:`dicom_io.errors.SlideError`) is not retried: the job is marked *failed* with the one-line reason. A job
 that still fails after its last retry is *parked* with its reason. Both are
 visible with ``her2 status <series uid>``; nothing is dropped silently.
 
@@ -91,7 +92,7 @@ class SlideTask(Task):
     retry_on_worker_lost=True,
     default_retry_delay=min(60, _settings.task_retry_backoff_max),  # after a lost pool child
 )
-def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str, source: str = "spool",
+def score_series_task(self: SlideTask, series_dir: str, series_instance_uid: str, source: str = "spool",
                 study_instance_uid: str = "", instances: dict[str, str] | None = None) -> str:
     """Score the series (spooled, or read over DICOMweb: :class:`worker.jobs.Job`) and send its results.
 
@@ -106,7 +107,7 @@ def score_slide(self: SlideTask, series_dir: str, series_instance_uid: str, sour
 
 def requeue(attempt: Attempt) -> None:
     """Queue ``attempt`` of a job whose worker was lost: same task id, ``retries`` = its number."""
-    score_slide.apply_async(args=attempt.args, kwargs=attempt.kwargs, task_id=attempt.task_id, retries=attempt.number)
+    score_series_task.apply_async(args=attempt.args, kwargs=attempt.kwargs, task_id=attempt.task_id, retries=attempt.number)
 
 
 def sweep_expired_leases(store: JobStore, leases: Leases) -> list[Attempt]:
@@ -118,5 +119,5 @@ def sweep_expired_leases(store: JobStore, leases: Leases) -> list[Attempt]:
 def _park_after_lost_workers(sender: Task, exception: BaseException, args, task_id: str | None = None,
                              **_: object) -> None:
     """The last attempt's pool child died: Celery reports it in the main process, where ``on_failure`` is not called."""
-    if sender.name == score_slide.name and isinstance(exception, WorkerLostError):
+    if sender.name == score_series_task.name and isinstance(exception, WorkerLostError):
         sender.on_failure(exception, task_id, args, {}, None)
