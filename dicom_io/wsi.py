@@ -345,22 +345,30 @@ class Slide:
         raise SlideError(f"missing pyramid level: none within {tolerance:.0%} of {mpp:g} um/px, the model's "
                          f"magnification (the slide has {have} um/px)")
 
-    def tile_source(self, mpp: float, tile_size: int, tolerance: float = 0.15) -> TileSource:
+    def tile_source(self, mpp: float, tile_size: int, tolerance: float = 0.15,
+                    source: LevelInfo | None = None) -> TileSource:
         """Tiles of ``tile_size`` px at ``mpp`` um/px.
 
         From the pyramid level within ``tolerance`` of ``mpp`` when there is
         one (:meth:`level_for_mpp`); otherwise box-resampled from the nearest
         finer level, reading only the region each tile covers. A slide with
-        no level that fine is refused.
+        no level that fine is refused. A given ``source`` level (finer than
+        ``mpp``, or within ``tolerance`` of it) is read instead, resampled
+        unless it is within ``tolerance``.
         """
-        try:
-            level = self.level_for_mpp(mpp, tolerance)
-            return TileSource(level, level, self.tile_reader(level, tile_size))
-        except SlideError as missing:
-            finer = [lvl for lvl in self.levels if lvl.mpp < mpp]
-            if not finer:
-                raise SlideError(f"{missing}; none is finer to resample from") from None
-        source = max(finer, key=lambda lvl: lvl.mpp)
+        if source is not None and abs(source.mpp - mpp) <= tolerance * mpp:
+            return TileSource(source, source, self.tile_reader(source, tile_size))
+        if source is None:
+            try:
+                level = self.level_for_mpp(mpp, tolerance)
+                return TileSource(level, level, self.tile_reader(level, tile_size))
+            except SlideError as missing:
+                finer = [lvl for lvl in self.levels if lvl.mpp < mpp]
+                if not finer:
+                    raise SlideError(f"{missing}; none is finer to resample from") from None
+            source = max(finer, key=lambda lvl: lvl.mpp)
+        elif source.mpp > mpp:
+            raise ValueError(f"level {source.index} ({source.mpp:g} um/px) is coarser than {mpp:g} um/px")
         level = self._resampled_level(source, mpp, tile_size)
         log.info("no pyramid level within %.0f%% of %g um/px: resampling level %d (%.3g um/px)", tolerance * 100, mpp,
                  source.index, source.mpp)

@@ -78,23 +78,25 @@ def test_default_grader_calls_are_admissible(scored: dict[str, dict]) -> None:
         assert s["sr_call"] == {"0 (ultralow)": "0"}.get(s["call"], s["call"]), label
 
 
-#: Measured spread of the membrane grader's cell percentages over five writers of the 2+ ISH+ core (session 19):
-#: wsidicomizer JPEG 4:4:4 and 4:2:2, ours JPEG 4:2:2, OrthancWSIDicomizer, highdicom lossless. Lossless frames keep
-#: more intense membrane than JPEG at quality 90 (3+ 27.2 % vs 21.2-24.9 %); normalising every input's chroma to 4:2:0
-#: did not narrow it, so the spread is JPEG quantisation, not chroma subsampling. Issue 13 asks for 2 points.
-WRITER_SPREAD_POINTS = 7.0
+#: Issue 13: percentages within 2 points across writers. Measured on the 2+ ISH+ core (session 20): wsidicomizer
+#: JPEG 4:2:2 (the fixture), ours and OrthancWSIDicomizer (JPEG 4:2:0, which decode to the same base pixels) and
+#: highdicom lossless spread by at most 1.5 points (1+ 27.5-29.0 %, 3+ 26.6-28.0 %). It was 6.3 points while fields
+#: were read from each writer's own 0.5 um/px level and unmixed with the CNN's stain fit on its 1 um/px level.
+WRITER_SPREAD_POINTS = 2.0
 
 
 def test_membrane_grader_call_does_not_depend_on_the_writer(scored: dict[str, dict], tmp_path: Path) -> None:
-    """The 2+ ISH+ core written by our writer (JPEG 4:2:2) and by highdicom (lossless, a 0.25 / 1 / 4 um/px pyramid
-    with no 0.5 um/px level, so its fields are resampled) gets the membrane call of the wsidicomizer series."""
+    """The 2+ ISH+ core written by our writer (JPEG 4:2:0), by OrthancWSIDicomizer (TILED_SPARSE, no ImageType) and
+    by highdicom (lossless, a 0.25 / 1 / 4 um/px pyramid with no 0.5 um/px level) gets the membrane call and, within
+    2 points, the cell percentages of the wsidicomizer series. Fields come from each slide's scanned (0.25 um/px)
+    level, and the stains and counterstain strength from those fields, so no writer's derived levels count."""
     import numpy as np
     from PIL import Image
     from pydicom.uid import ExplicitVRLittleEndian
 
     from dicom_io.wsi_writer import SlideIdentity, write_wsi
     from tests.conftest import REAL_HER2
-    from tests.third_party import highdicom_write
+    from tests.third_party import highdicom_write, orthanc_dicomize
     from worker.pipeline import score_slide
     from worker.settings import load_settings
 
@@ -105,10 +107,12 @@ def test_membrane_grader_call_does_not_depend_on_the_writer(scored: dict[str, di
     write_wsi(lambda x, y, w, h: rgb[y : y + h, x : x + w], width, height, 0.25, SlideIdentity.synthetic(2, "W"), ours)
     lossless = highdicom_write(rgb, 0.25, tmp_path / "highdicom", tile_size=512, downsamples=(1, 4, 16),
                                transfer_syntax=ExplicitVRLittleEndian)
-    for series in (ours, lossless):
+    orthanc = orthanc_dicomize(rgb, 0.25, tmp_path / "orthanc", tile_size=512, levels=6)
+    for series in (ours, orthanc, lossless):
         result = score_slide(series, load_settings())
         assert result.decided_by == "membrane" and result.cells is not None, series.name
         assert result.cells.level.mpp == pytest.approx(0.5), series.name
+        assert result.stats["membrane_source_mpp"] == pytest.approx(0.25), series.name
         percentages = result.cells.summary.percentages
         assert result.score.call.value == reference["call"], (series.name, percentages, reference)
         assert percentages == pytest.approx(reference["percentages"], abs=WRITER_SPREAD_POINTS), series.name
@@ -118,12 +122,13 @@ def test_membrane_grader_call_does_not_depend_on_the_writer(scored: dict[str, di
 
 @pytest.mark.parametrize(("label", "h_scale"), [("1+", 0.6), ("2+ISH-", 1.5)])
 def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(label: str, h_scale: float,
-                                                                              scored: dict[str, dict],
                                                                               tmp_path: Path) -> None:
     """Another lab's haematoxylin: the core's haematoxylin rescaled (HED colour space) is graded like the core.
 
-    Without the counterstain gain the 1+ core at 0.6x kept 377 of its tumour cells (a quarter) and the 2+ ISH- core
-    at 1.5x was called 0 (ultralow).
+    Both are written the same way (HED round trip, our writer); the rescaled one must keep the call and most of its
+    tumour cells, the counterstain gain making up most of the rescaling (measured: gain x1.38 for H x0.6, x0.73 for
+    H x1.5; cells 0.72x and 1.26x). Without the gain the 1+ core at 0.6x kept 377 of its tumour cells (a quarter) and
+    the 2+ ISH- core at 1.5x was called 0 (ultralow).
     """
     import numpy as np
     from PIL import Image
@@ -135,18 +140,23 @@ def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(la
     from worker.settings import load_settings
 
     files = {"1+": "1_154ae963-bd2a-4a12-8fa9-815ba13922ae.jpg", "2+ISH-": "2_aeb277c9-d925-4660-bb22-b8f850603d54.jpg"}
-    hed = rgb2hed(np.asarray(Image.open(REAL_HER2 / files[label]).convert("RGB")))
-    hed[..., 0] *= h_scale
-    rgb = (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
-    series = tmp_path / "s"
-    write_wsi(lambda x, y, w, h: rgb[y : y + h, x : x + w], rgb.shape[1], rgb.shape[0], 0.25,
-              SlideIdentity.synthetic(4, "H"), series)
-    result = score_slide(series, load_settings())
-    reference = scored[label]["graders"]["membrane"]
-    assert result.decided_by == "membrane", result.score.flags
-    assert result.score.call.value == reference["call"], (result.cells.summary.percentages, reference)
-    assert result.stats["membrane_h_gain"] == pytest.approx(1 / h_scale, rel=0.25)
-    cells, reference_cells = result.cells.summary.tumour_cells, sum(reference["tumour_cells"].values())
+    source = rgb2hed(np.asarray(Image.open(REAL_HER2 / files[label]).convert("RGB")))
+    results = {}
+    for scale in (1.0, h_scale):
+        hed = source.copy()
+        hed[..., 0] *= scale
+        rgb = (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
+        series = tmp_path / f"h{scale}"
+        write_wsi(lambda x, y, w, h, rgb=rgb: rgb[y : y + h, x : x + w], rgb.shape[1], rgb.shape[0], 0.25,
+                  SlideIdentity.synthetic(4, "H"), series)
+        results[scale] = score_slide(series, load_settings())
+    reference, result = results[1.0], results[h_scale]
+    assert result.decided_by == reference.decided_by == "membrane", result.score.flags
+    assert result.score.call == reference.score.call, (result.cells.summary.percentages,
+                                                       reference.cells.summary.percentages)
+    gain = result.stats["membrane_h_gain"] / reference.stats["membrane_h_gain"]
+    assert gain == pytest.approx(1 / h_scale, rel=0.25)
+    cells, reference_cells = result.cells.summary.tumour_cells, reference.cells.summary.tumour_cells
     assert 0.6 * reference_cells <= cells <= 1.7 * reference_cells, (cells, reference_cells)
 
 

@@ -38,6 +38,7 @@ from worker.membrane import (
     summarise_cells,
 )
 from worker.preprocessing import white_fraction
+from worker.preprocessing.stain import estimate_stain_vectors, optical_density
 from worker.preprocessing.tissue import glass_colour
 from worker.tiles import Position, PreparedSlide, spread_indices
 
@@ -52,9 +53,13 @@ FIELD_PX = 1024
 #: Name of the membrane grader in result objects (Algorithm Name, TID 4019).
 MEMBRANE_GRADER = "her2-membrane-grader"
 #: Its version; a change of method changes it, and with it the result UIDs.
-MEMBRANE_GRADER_VERSION = "1.1"
+MEMBRANE_GRADER_VERSION = "1.2"
 #: Fields whiter than this (glass, lumen) hold too few cells to be worth grading.
 FIELD_WHITE_MAX = 0.8
+#: Fields are resampled from the finest level at least this coarse (um/px): a 40x scan's base (0.25), not an 80x one.
+SOURCE_MPP_MIN = 0.2
+#: Fields (spread over the slide) the membrane grader's stain estimate is made on.
+STAIN_FIELDS = 8
 
 
 @dataclass
@@ -63,7 +68,8 @@ class CellGrading:
 
     ``tumour`` holds the graded **tumour** cells, their nucleus centres in
     pixels (column, row) of ``level``, the level the fields were read at (a
-    resampled one when the pyramid has none at :data:`FIELD_MPP`).
+    resampled one unless the slide was scanned at :data:`FIELD_MPP`), made
+    from ``source_level`` (:func:`membrane_fields`).
     ``example`` is the graded field with the most tumour cells, its RGB
     pixels and cells, for the overlay a pathologist checks. ``h_gain`` is
     the factor applied to the slide's haematoxylin (:func:`worker.membrane.counterstain_gain`).
@@ -72,6 +78,7 @@ class CellGrading:
     summary: MembraneSummary
     call: SlideCall
     level: LevelInfo
+    source_level: LevelInfo
     tumour: CellTable
     fields: int
     seconds: float
@@ -95,15 +102,40 @@ def membrane_grader_version(thresholds: MembraneThresholds) -> str:
 def membrane_fields(slide: Slide) -> TileSource | None:
     """Fields of :data:`FIELD_PX` at :data:`FIELD_MPP`, or None when the slide has no level that fine.
 
-    The pyramid level within 15 % of :data:`FIELD_MPP`; without one (e.g. a
-    40x pyramid with 4x steps: 0.25, 1, 4 um/px), box-resampled from the
-    nearest finer level (:meth:`dicom_io.wsi.Slide.tile_source`), as a
-    pyramid's own 0.5 um/px level is made.
+    Box-resampled from the slide's **scanned** resolution: the finest level
+    no finer than :data:`SOURCE_MPP_MIN` (a 40x scan's base, 0.25 um/px; a
+    20x scan's base is read as it is). The pyramid's own lower levels are made
+    by each writer, with its own filter and a second lossy encoding, and on a
+    real core those moved the cell percentages by up to 6 points between
+    writers; the base is what the scanner captured. A slide whose only fine
+    levels are finer than that (an 80x scan without a 40x level) is resampled
+    from the nearest of them.
     """
     tolerance = 0.15
-    if min(lvl.mpp for lvl in slide.levels) > FIELD_MPP * (1 + tolerance):
+    fine = [lvl for lvl in slide.levels if lvl.mpp <= FIELD_MPP * (1 + tolerance)]
+    if not fine:
         return None
-    return slide.tile_source(FIELD_MPP, FIELD_PX, tolerance)
+    scanned = [lvl for lvl in fine if lvl.mpp >= SOURCE_MPP_MIN]
+    source = min(scanned, key=lambda lvl: lvl.mpp) if scanned else max(fine, key=lambda lvl: lvl.mpp)
+    return slide.tile_source(FIELD_MPP, FIELD_PX, tolerance, source=source)
+
+
+def membrane_stains(fields: list[np.ndarray], fallback: np.ndarray) -> np.ndarray:
+    """The slide's (haematoxylin, DAB) OD matrix estimated on graded fields (RGB at :data:`FIELD_MPP`).
+
+    The membrane grader unmixes at its own resolution with stains estimated
+    there (:func:`worker.preprocessing.stain.estimate_stain_vectors`; DAB
+    is always the reference vector), not with the CNN's fit on the writer's
+    1 um/px level: JPEG chroma subsampling of a derived level tilts the
+    haematoxylin estimate by a few degrees, which moved real-core cell
+    percentages by 2-3 points between writers. ``fallback`` when the fields
+    hold too few stained pixels.
+    """
+    if not fields:
+        return fallback
+    od = optical_density(np.concatenate([f[::2, ::2].reshape(-1, 3) for f in fields]))
+    matrix, notes = estimate_stain_vectors(od)
+    return fallback if notes else matrix
 
 
 def field_positions(prepared: PreparedSlide, level: LevelInfo, max_fields: int) -> list[Position]:
@@ -126,8 +158,10 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
                     threads: int, evidence_floor: float) -> CellGrading | None:
     """Grade tumour cells on fine fields under the slide's tissue tiles; None without a fine enough level.
 
-    Optical density is taken relative to the slide's glass and haematoxylin
-    brought to the calibration strength, both measured on the survey thumbnail.
+    Optical density is taken relative to the slide's glass (measured on the
+    survey thumbnail); the stains (:func:`membrane_stains`) and the
+    counterstain gain (:func:`worker.membrane.counterstain_gain`) are
+    estimated on :data:`STAIN_FIELDS` of the fields, spread over the slide.
 
     The slide call applies ASCO/CAP to the cell percentages with the same
     ``evidence_floor`` as the CNN's area percentages: a class held by no more
@@ -139,25 +173,33 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
         return None
     started = time.perf_counter()
     level, read = source.level, source.read
-    stains = prepared.normaliser.source_matrix
-    survey = prepared.survey
-    glass = glass_colour(survey.thumbnail, survey.mask)
-    h_gain = counterstain_gain(survey.thumbnail, survey.mask, stains, glass, thresholds)
+    positions = field_positions(prepared, level, max_fields)
 
-    def grade(pos: Position) -> tuple[Position, np.ndarray, CellTable] | None:
+    def fetch(pos: Position) -> np.ndarray | None:
         try:
             rgb = read(*pos)
         except CorruptTileError:
             return None
-        if white_fraction(rgb) > FIELD_WHITE_MAX:
-            return None
-        return pos, rgb, grade_cells(rgb, level.mpp, stains, thresholds, glass=glass, h_gain=h_gain)
+        return None if white_fraction(rgb) > FIELD_WHITE_MAX else rgb
 
-    positions = field_positions(prepared, level, max_fields)
     tables: list[CellTable] = []
     tumour: list[CellTable] = []
     example: tuple[np.ndarray, CellTable] | None = None
     with ThreadPoolExecutor(max_workers=threads) as pool:
+        sampled = [positions[i] for i in spread_indices(len(positions), STAIN_FIELDS)]
+        fetched = dict(zip(sampled, pool.map(fetch, sampled)))
+        sample = [rgb for rgb in fetched.values() if rgb is not None]
+        stains = membrane_stains(sample, prepared.normaliser.source_matrix)
+        survey = prepared.survey
+        glass = glass_colour(survey.thumbnail, survey.mask)
+        h_gain = counterstain_gain(sample, level.mpp, stains, glass, thresholds)
+
+        def grade(pos: Position) -> tuple[Position, np.ndarray, CellTable] | None:
+            rgb = fetched.pop(pos) if pos in fetched else fetch(pos)
+            if rgb is None:
+                return None
+            return pos, rgb, grade_cells(rgb, level.mpp, stains, thresholds, glass=glass, h_gain=h_gain)
+
         for graded in pool.map(grade, positions):
             if graded is None:
                 continue
@@ -172,6 +214,7 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
         summary=summary,
         call=asco_cap_call(summary.percentages, evidence_floor) if summary.tumour_cells else SlideCall.NOT_ASSESSABLE,
         level=level,
+        source_level=source.source_level,
         tumour=CellTable.concatenate(tumour),
         fields=len(tables),
         seconds=time.perf_counter() - started,

@@ -259,7 +259,7 @@ def cell_stats(cells: CellGrading | None) -> dict[str, float]:
     if cells is None:
         return {}
     return {"membrane_fields": cells.fields, "membrane_seconds": cells.seconds, "membrane_mpp": cells.level.mpp,
-            "membrane_tumour_cells": cells.summary.tumour_cells,
+            "membrane_source_mpp": cells.source_level.mpp, "membrane_tumour_cells": cells.summary.tumour_cells,
             "membrane_other_cells": cells.summary.non_tumour, "membrane_h_gain": cells.h_gain}
 
 
