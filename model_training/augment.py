@@ -2,7 +2,13 @@
 
 Flips and 90-degree rotations (labels are rotation invariant), brightness /
 contrast jitter, HED stain jitter, a glass colour shift, Gaussian blur
-(scanner focus) and a random writer's codec.
+(scanner focus) or an unsharp mask, and a random writer's codec.
+
+Blur and sharpening vary a tile's fine detail whatever its class: on the
+synthetic cohort, fine-detail energy (the QC sharpness) rose with the HER2
+class (DAB membranes are edges) and the CNN trained on it called every
+real core, sharp with texture the generator did not draw, 2+
+(docs/training.md, "texture").
 
 HED jitter works on the stain concentrations of the reference stain matrix
 (tiles are already normalised onto it): haematoxylin is scaled by
@@ -52,6 +58,8 @@ class Augment:
     glass: float = 0.03
     blur_p: float = 0.3
     blur_sigma_max_px: float = 1.0
+    sharpen_p: float = 0.3
+    sharpen_max: float = 1.0
     codec_p: float = 0.75
     jpeg_quality: tuple[int, int] = (70, 95)
 
@@ -78,6 +86,8 @@ class Augment:
             x = torch.addcmul(mean * (b.view(-1, 1, 1, 1) - gain), x, gain)
         if self.blur_p and float(torch.rand(1, generator=g)) < self.blur_p:
             x = gaussian_blur(x, max(0.1, float(torch.rand(1, generator=g)) * self.blur_sigma_max_px))
+        elif self.sharpen_p and float(torch.rand(1, generator=g)) < self.sharpen_p:
+            x = unsharp_mask(x, float(torch.rand(1, generator=g)) * self.sharpen_max)
         x = x.clamp(0.0, 1.0)
         if self.codec_p:
             coded = torch.rand(n, generator=g) < self.codec_p
@@ -109,6 +119,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = (kernel / kernel.sum()).repeat(x.shape[1], 1, 1, 1)  # (C, 1, 1, K)
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel, groups=x.shape[1])
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.transpose(-1, -2), groups=x.shape[1])
+
+
+def unsharp_mask(x: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Tensor:
+    """x + amount * (x - blur(x)): more fine detail, the mean kept (a sharper scanner or a thinner section)."""
+    return x + amount * (x - gaussian_blur(x, sigma))
 
 
 def hed_jitter(x: torch.Tensor, h_gain: torch.Tensor, dab_gain: torch.Tensor) -> torch.Tensor:

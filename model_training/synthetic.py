@@ -14,7 +14,12 @@ What is drawn
 * **Tumour cells** sit on a jittered lattice (~13 um apart, 60 nuclei per
   0.01 mm2); every pixel belongs to its nearest cell. Haematoxylin nuclei are
   ellipses around the cell centres (axes ~7.5 x 4.6 um) with chromatin
-  texture; the cell membrane is the Voronoi boundary between cells.
+  texture; the cell membrane is the Voronoi boundary between cells. With
+  ``textured`` (off by default until the bundled CNN is retrained on it),
+  cytoplasm and stroma are granular (2 um value noise), fibres thinner and
+  every cell boundary carries a faint haematoxylin outline, in every class, so
+  that fine detail (what QC's sharpness measures) does not come from DAB
+  membranes alone and a sharp slide reads as sharp as the real cores.
 * **DAB membrane staining** follows ASCO/CAP patterns per class
   (:data:`STAINING`): 0 none, 1+ faint and incomplete (30-60 % of the
   circumference, in two runs of ~6-12 um), 2+ weak-to-moderate and complete,
@@ -35,7 +40,7 @@ Physical quantities are calibrated on the four real HER2 cores
 (``tests/data/real_her2``; figures in ``docs/training.md``, "Synthetic tissue
 calibrated on real cores"), in OD relative to the glass at 0.25 um/px: glass
 ~(233, 232, 240) with noise SD ~2 / 2 / 3.3; nucleus H 0.25-0.35 with
-chromatin CV ~0.3, non-nuclear tumour H 0.11-0.15 and stroma 0.04-0.07;
+chromatin CV ~0.3, non-nuclear tumour H 0.01-0.07 and stroma 0.04-0.07;
 real membrane DAB 2+ ISH- median 0.22 (p90 0.37), 2+ ISH+ 0.47 (p90 0.96);
 cytoplasmic blush 0.01-0.13; red cells DAB ~0.25 under more H. Only
 physical quantities come from the cores; their scores are never used here.
@@ -69,6 +74,14 @@ FALSE_HIT_SPACING_UM = 40.0
 FALSE_HIT_SHARE = 0.3
 #: Lattice step (um) of the chromatin texture inside nuclei.
 CHROMATIN_STEP_UM = 0.8
+#: Granular texture of cytoplasm and stroma: value-noise step (um) and relative amplitude (+-).
+GRAIN_STEP_UM = 2.0
+GRAIN_AMPLITUDE = 1.0
+#: Haematoxylin cell outline at every tumour-cell boundary: peak OD and Gaussian SD (um).
+OUTLINE_H = 0.17
+OUTLINE_SIGMA_UM = 0.5
+#: Exponent that narrows the stromal fibres (1: a plain sine; higher: thin fibres with pale gaps between them).
+FIBRE_SHARPNESS = 4.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,8 @@ class SlideSpec:
     patient_id: str = "SYNTH-0001"
     stain: str = "HER2-DAB"
     artefacts: tuple[str, ...] = ()
+    #: Real-like fine texture (granular cytoplasm and stroma, cell outlines): see the module docstring.
+    textured: bool = False
 
     def __post_init__(self) -> None:
         if set(self.class_mix) - set(CLASSES):
@@ -165,7 +180,7 @@ class SlideSpec:
 
     def __hash__(self) -> int:  # dict field: hash on the frozen content
         return hash((self.seed, self.width_um, self.height_um, tuple(sorted(self.class_mix.items())),
-                     self.tumour_fraction, self.centre, self.patient_id, self.stain, self.artefacts))
+                     self.tumour_fraction, self.centre, self.patient_id, self.stain, self.artefacts, self.textured))
 
     @classmethod
     def from_dict(cls, d: dict) -> SlideSpec:
@@ -350,9 +365,19 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     profile = membrane_width / (sigma * 2.5066) * np.exp(-0.5 * (gap / sigma) ** 2)
     dab = np.where(tumour & stained_arc, membrane_conc * profile, 0.0) + np.where(tumour, blush * (1 - nucleus), 0.0)
     membrane = tumour & stained_arc & (gap < np.maximum(membrane_width / 2.0, 0.5 * mpp))
-    # Nuclei 0.27-0.37 with chromatin texture (CV ~0.3) in cytoplasm of 0.07-0.10.
+    # Nuclei 0.27-0.37 with chromatin texture (CV ~0.3) in cytoplasm of 0.07-0.10 (textured: granular 0.035-0.06).
     chromatin = np.clip(1.0 + 1.5 * (_value_noise(spec.seed, x, y, CHROMATIN_STEP_UM, 42) - 0.5), 0.3, None)
-    cytoplasm = 0.07 + 0.03 * rnd(43)
+    # Fine tissue texture (what makes real tissue read sharp, whatever its HER2 class): granular cytoplasm
+    # (value noise every GRAIN_STEP_UM, +-GRAIN_AMPLITUDE) and a haematoxylin cell outline at every cell
+    # boundary, so that edges alone say nothing about DAB (docs/training.md, "texture").
+    # Off by default: the bundled CNN was trained without it (docs/training.md, "Texture diagnosis").
+    if spec.textured:
+        grain = 1.0 + 2.0 * GRAIN_AMPLITUDE * (_value_noise(spec.seed, x, y, GRAIN_STEP_UM, 44) - 0.5)
+        cytoplasm = (0.035 + 0.025 * rnd(43)) * grain
+        outline = OUTLINE_H * np.exp(-0.5 * (gap / np.hypot(OUTLINE_SIGMA_UM, 0.5 * mpp)) ** 2)
+        cytoplasm = cytoplasm + outline * (1.0 - nucleus)
+    else:
+        cytoplasm = 0.07 + 0.03 * rnd(43)
     h_tumour = cytoplasm + (0.32 * (0.85 + 0.30 * rnd(41)) * chromatin - cytoplasm) * nucleus
 
     # Stroma: pale fibres and sparse elongated fibroblast nuclei (gaps: see _Layout.labels).
@@ -363,7 +388,11 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     v = -sdx * np.sin(theta) + sdy * np.cos(theta)
     fib_nucleus = present * _soft_edge(np.hypot(u / 3.0, v / 1.2) - 1.0, mpp / 2.0)
     fibres = 0.5 + 0.5 * np.sin((x * 0.8 + y * 0.35) / 2.5 + 3.0 * np.sin(y / 40.0))
-    h_fibres = 0.035 + 0.035 * fibres
+    if spec.textured:
+        fibre_grain = 2.0 * _value_noise(spec.seed, x, y, GRAIN_STEP_UM, 45)
+        h_fibres = (0.035 + 0.035 * fibres ** FIBRE_SHARPNESS * fibre_grain) * (0.5 + fibre_grain * 0.5)
+    else:
+        h_fibres = 0.035 + 0.035 * fibres
     h_stroma = h_fibres + (0.30 * chromatin - h_fibres) * fib_nucleus
 
     # Brown false hits: grey-brown discs ~7 um across (red cells, pigment), H above DAB, in any tissue.

@@ -69,15 +69,11 @@ def test_pen_and_fold_are_flagged():
     assert pen.not_assessable == fold.not_assessable == []
 
 
-@pytest.mark.xfail(strict=True, reason="the generator calibrated on the real cores' stain (pale, flat cytoplasm) reads "
-                   "as out of focus: a sharp 10x synthetic slide has median sharpness 2.65 < qc_sharpness_min 3.0 "
-                   "(real cores 4.6-7.3); granular cytoplasm/chromatin fixes it (3.0-3.3 measured) but changes the "
-                   "tissue the bundled CNN was trained on, so it waits for the next retraining")
 def test_blur_separates_through_the_dicom_path(tmp_path):
     medians = {}
     for name, artefacts in (("sharp", ()), ("blurred", ("blur",))):
         write_synthetic_slide(SlideSpec(seed=5, width_um=1536, height_um=1536, class_mix={"1+": 1.0},
-                                        artefacts=artefacts), tmp_path / name)
+                                        artefacts=artefacts, textured=True), tmp_path / name)
         medians[name] = float(np.median(sharpness(synthetic_slide_tiles(tmp_path / name).tiles)))
     assert medians["blurred"] < SETTINGS.qc_sharpness_min < medians["sharp"]
     flags = {}

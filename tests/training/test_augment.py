@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_training.augment import SUBSAMPLING, Augment, gaussian_blur, hed_jitter, jpeg_roundtrip
+from model_training.augment import SUBSAMPLING, Augment, gaussian_blur, hed_jitter, jpeg_roundtrip, unsharp_mask
 from worker.preprocessing import StainNormaliser
 
 pytestmark = pytest.mark.train
@@ -48,6 +48,15 @@ def test_blur_preserves_mean_of_constant_image():
     assert torch.allclose(gaussian_blur(x, 1.0), x, atol=1e-6)
 
 
+def test_unsharp_mask_adds_fine_detail_and_keeps_flat_areas():
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    assert torch.allclose(unsharp_mask(flat, 1.0), flat, atol=1e-6)
+    x = _tile()
+    detail = lambda t: float((t - gaussian_blur(t, 1.0)).abs().mean())
+    assert detail(unsharp_mask(x, 1.0)) == pytest.approx(2 * detail(x), rel=0.15)  # (1 + amount) x, up to the blur
+    assert torch.equal(unsharp_mask(x, 0.0), x)
+
+
 def _fine_chroma() -> torch.Tensor:
     """A 64 px tile of 1 px wide alternating brown (DAB) and blue (haematoxylin) columns: chroma at full resolution."""
     od = np.zeros((64, 64, 2))
@@ -67,13 +76,13 @@ def test_jpeg_roundtrip_subsampling_loses_fine_chroma_444_keeps_it():
 
 def test_codec_augmentation_reencodes_a_share_of_tiles_seeded():
     x = _fine_chroma().repeat(40, 1, 1, 1)
-    plain = Augment(flips=False, rot90=False, brightness=0, contrast=0, h_sigma=0, dab_sigma=0, glass=0, blur_p=0,
+    plain = Augment(flips=False, rot90=False, brightness=0, contrast=0, h_sigma=0, dab_sigma=0, glass=0, blur_p=0, sharpen_p=0,
                     codec_p=0.5)
     y = plain(x, torch.Generator().manual_seed(1))
     changed = (y - x).abs().flatten(1).max(dim=1).values > 1 / 255
     assert 8 <= int(changed.sum()) <= 32  # about half re-encoded, the rest passed through losslessly
     assert torch.equal(y[~changed], x[~changed])
     assert torch.equal(y, plain(x, torch.Generator().manual_seed(1)))
-    off = Augment(flips=False, rot90=False, brightness=0, contrast=0, h_sigma=0, dab_sigma=0, glass=0, blur_p=0,
+    off = Augment(flips=False, rot90=False, brightness=0, contrast=0, h_sigma=0, dab_sigma=0, glass=0, blur_p=0, sharpen_p=0,
                   codec_p=0)
     assert torch.equal(off(x, torch.Generator().manual_seed(1)), x)
