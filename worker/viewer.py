@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -208,10 +209,33 @@ def view(paths: Sequence[Path], port: int = 0, ready: Callable[[str], object] = 
             request = urllib.request.Request(f"http://127.0.0.1:{orthanc_port}/instances", data=f.read_bytes(),
                                              method="POST")
             urllib.request.urlopen(request, timeout=60).close()
-        with ViewerServer(VIEWER_DIR, orthanc_port, port) as server:
+        with ViewerServer(VIEWER_DIR, orthanc_port, port) as server, _stopped_by_signals():
             ready(view_url(server.url, datasets))
             try:
                 threading.Event().wait()
             except KeyboardInterrupt:
                 pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt in the main thread while the block runs.
+
+    Set explicitly: a process started in the background by a non-interactive shell (``cmd &``, nohup, some
+    CI runners) inherits SIGINT *ignored*, and Python then installs no Ctrl-C handler, so the viewer would
+    never stop; a service manager stops with SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
