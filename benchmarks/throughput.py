@@ -111,9 +111,9 @@ def random_init_model(arch: str, cache: Path, log) -> Path:
     model's with the architecture named, so the naive loop builds the same
     torch definition. Needs the ``train`` extra (torch).
     """
+    from her2_core.model_card import card_path
     from model_training.export import export_onnx, write_card
     from model_training.models import TileClassifier
-    from worker.model_card import card_path
     from worker.settings import load_settings
 
     path = cache / "models" / f"{arch}-random.onnx"
@@ -187,7 +187,7 @@ class Sample:
 def sample_tiles(series_dir: Path, model, n: int) -> Sample:
     """Up to ``n`` kept tissue tiles of a slide, with the single-thread read + decode rate measured on them."""
     from dicom_io.wsi import open_slide
-    from worker.preprocessing import white_fraction
+    from her2_core.preprocessing import white_fraction
     from worker.tiles import prepare_slide, survey_slide
 
     card = model.card
@@ -240,13 +240,13 @@ def membrane_fields(n: int) -> tuple[np.ndarray, tuple[float, float, float]]:
     for i in range(n):
         x, y = corners[(i // len(cores)) % len(corners)]
         fields.append(cores[i % len(cores)][y : y + 1024, x : x + 1024])
-    return np.stack(fields), (233.0, 232.0, 240.0)  # the cores' glass (worker.preprocessing.tissue.glass_colour)
+    return np.stack(fields), (233.0, 232.0, 240.0)  # the cores' glass (her2_core.preprocessing.tissue.glass_colour)
 
 
 def membrane_rate(n: int, min_seconds: float) -> Rate:
     """The membrane grader alone, one field at a time on one thread (as one pool thread runs it)."""
+    from her2_core.preprocessing import REFERENCE
     from worker.membrane import grade_cells
-    from worker.preprocessing import REFERENCE
 
     fields, glass = membrane_fields(n)
     stains = REFERENCE.matrix()
@@ -319,7 +319,7 @@ def naive_loop(series_dir: Path, settings, model, max_tiles: int) -> tuple[Rate,
     the same as ours (counted in the wall time); there is no quality control.
     """
     from dicom_io.wsi import open_slide
-    from worker.preprocessing import white_fraction
+    from her2_core.preprocessing import white_fraction
     from worker.tiles import prepare_slide, survey_slide
 
     card = model.card
@@ -417,8 +417,8 @@ def _stage(label: str, rate: Rate, bare: float, note: str = "") -> Row:
 
 
 def run(args: argparse.Namespace) -> None:
+    from her2_core.preprocessing import white_fraction
     from worker.pipeline import single_threaded_blas
-    from worker.preprocessing import white_fraction
     from worker.quality import sharpness
     from worker.tiles import SHARPNESS_TILES
 

@@ -51,7 +51,7 @@ from pydicom.uid import (
 from dicom_io.codes import HER2_SCORE, HER2_SCORE_VALUES
 from dicom_io.errors import AnnotationError
 from dicom_io.uids import derived_uid
-from worker.aggregate import CLASSES, SlideCall
+from her2_core.aggregate import CLASSES, SlideCall
 
 #: HER2 class -> Annotation Property Type code (the SR's LOINC answers).
 HER2_CLASS_CODES = {c: HER2_SCORE_VALUES[SlideCall(c)] for c in CLASSES}

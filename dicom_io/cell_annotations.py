@@ -43,7 +43,7 @@ Per-cell measurements (optional)       see :data:`CELL_MEASUREMENTS`
 ``99HER2`` is the results' local scheme (:mod:`dicom_io.codes`), declared in the
 object's Coding Scheme Identification Sequence.
 
-Cell classes (``worker.aggregate.CLASSES``, ASCO/CAP membrane patterns):
+Cell classes (``her2_core.aggregate.CLASSES``, ASCO/CAP membrane patterns):
 "0" no staining, "1+" faint incomplete, "2+" weak-moderate complete, "3+"
 intense complete. Only tumour cells are written.
 
@@ -86,7 +86,7 @@ from dicom_io.result_header import (
     source_result_uids,
 )
 from dicom_io.uids import derived_uid
-from worker.aggregate import CLASSES
+from her2_core.aggregate import CLASSES
 
 ANN_SERIES_NUMBER = 9003
 ANN_SERIES_DESCRIPTION = "HER2 IHC AI cells - research use, not for clinical use"

@@ -68,7 +68,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
 
-from worker.aggregate import CLASSES, SlideCall
+from her2_core.aggregate import CLASSES, SlideCall
 
 LOCAL_SCHEME = "99HER2"
 

@@ -13,7 +13,7 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
-from worker.aggregate import CLASSES, SlideScore, TileGrid
+from her2_core.aggregate import CLASSES, SlideScore, TileGrid
 
 
 def level_spacing(level: Dataset) -> tuple[float, float]:

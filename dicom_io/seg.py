@@ -1,6 +1,6 @@
 """The per-tile class-probability heatmap as a FRACTIONAL Segmentation (PS3.3 A.51, C.8.20), and its reader.
 
-One segment per tile class (:data:`worker.aggregate.CLASSES`), fractional type
+One segment per tile class (:data:`her2_core.aggregate.CLASSES`), fractional type
 PROBABILITY, in the source's study and Frame of Reference, in a series of its
 own; the SR (:mod:`dicom_io.sr`) infers its tile-grader percentages from these
 segments.
@@ -33,7 +33,7 @@ from dicom_io.result_header import (
     source_result_uids,
 )
 from dicom_io.uids import derived_uid
-from worker.aggregate import CLASSES, SlideScore
+from her2_core.aggregate import CLASSES, SlideScore
 
 SEG_SERIES_NUMBER = 9002
 SEG_SERIES_DESCRIPTION = "HER2 IHC AI heatmap - research use, not for clinical use"

@@ -61,7 +61,7 @@ from dicom_io.result_header import (
     source_result_uids,
 )
 from dicom_io.uids import derived_uid
-from worker.aggregate import CLASSES, SlideCall, SlideScore
+from her2_core.aggregate import CLASSES, SlideCall, SlideScore
 
 SR_SERIES_NUMBER = 9001
 SR_SERIES_DESCRIPTION = "HER2 IHC AI score - research use, not for clinical use"

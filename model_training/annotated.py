@@ -34,12 +34,12 @@ from dicom_io.annotations import (
 )
 from dicom_io.errors import AnnotationError
 from dicom_io.wsi import Slide, open_slide
+from her2_core.aggregate import CLASSES, asco_cap_call
+from her2_core.preprocessing import REFERENCE, StainReference
 from model_training.regions import class_areas
 from model_training.slide_tiles import read_slide_tiles
 from model_training.splits import split_datasets
 from model_training.tileset import CALL_CLASS, SlideInfo, TileSet
-from worker.aggregate import CLASSES, asco_cap_call
-from worker.preprocessing import REFERENCE, StainReference
 
 #: Sample points per tile side when measuring outline areas.
 SAMPLES_PER_TILE = 16

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from worker.preprocessing import REFERENCE
+from her2_core.preprocessing import REFERENCE
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+from her2_core.aggregate import CLASSES
 from model_training import ARCHITECTURES
 from model_training.models import MIN_INPUT_SIZE
 from model_training.recipes import SyntheticCohort, run_training
 from model_training.train import TrainConfig
-from worker.aggregate import CLASSES
 
 STUDIES = ("architectures", "unfreezing", "stain", "magnification")
 MPP = {10: 1.0, 40: 0.25}

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from her2_core.aggregate import CLASSES
 from model_training.metrics import aggregate_groups, plot_confusion, plot_roc, report
 from model_training.models import TileClassifier
 from model_training.splits import patient_labels
 from model_training.tileset import TileSet
 from model_training.train import predict
-from worker.aggregate import CLASSES
 from worker.settings import Settings
 
 #: The worker's default evidence floor, so slide calls here are the worker's calls.

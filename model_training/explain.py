@@ -27,10 +27,10 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from her2_core.preprocessing import StainNormaliser, fit_stains, white_fraction
 from model_training.models import TileClassifier
 from model_training.synthetic import SlideSpec, render_region
 from model_training.train import to_tensor
-from worker.preprocessing import StainNormaliser, fit_stains, white_fraction
 from worker.tiles import stain_fit_indices
 
 METHODS = ("gradcam", "scorecam")

@@ -5,7 +5,7 @@ NCHW, the worker divides uint8 by the card's ``input.scale`` = 255) and
 returns ``probabilities`` (N, 4, softmax over 0/1+/2+/3+) and
 ``tumour_fraction`` (N, 1, sigmoid). Resizing to the architecture's input
 size and the ImageNet mean/std are inside the graph. The card is written in
-exactly the schema :func:`worker.model_card.load_model_card` validates.
+exactly the schema :func:`her2_core.model_card.load_model_card` validates.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from her2_core.aggregate import CLASSES
+from her2_core.model_card import MAGNIFICATION_MPP, RealCoreFigure, card_path, load_model_card
+from her2_core.preprocessing import REFERENCE
 from model_training.models import TileClassifier
-from worker.aggregate import CLASSES
-from worker.model_card import MAGNIFICATION_MPP, RealCoreFigure, card_path, load_model_card
-from worker.preprocessing import REFERENCE
 
 INPUT_NAME = "tiles"
 OUTPUTS = ("probabilities", "tumour_fraction")
@@ -70,7 +70,7 @@ def onnx_parity(model: TileClassifier, path: Path, tiles: np.ndarray) -> float:
 
 def model_card(name: str, version: str, tile_size: int, mpp: float, white_fraction_max: float,
                training: dict, metrics: dict) -> dict:
-    """The card dict (schema of :mod:`worker.model_card`)."""
+    """The card dict (schema of :mod:`her2_core.model_card`)."""
     magnification = {v: k for k, v in MAGNIFICATION_MPP.items()}.get(mpp)
     if magnification is None:
         raise ValueError(f"{mpp} um/px is not one of the worker's magnifications {MAGNIFICATION_MPP}")

@@ -3,8 +3,8 @@
 Metrics (one-vs-rest AUC per class and their macro mean, accuracy, macro F1,
 quadratic weighted kappa, confusion matrix) are computed on any unit: tiles,
 slides or patients. Slide and patient predictions come from the worker's own
-aggregation (:func:`worker.aggregate.class_percentages` with the predicted
-tumour fractions, then :func:`worker.aggregate.asco_cap_call`), so they are
+aggregation (:func:`her2_core.aggregate.class_percentages` with the predicted
+tumour fractions, then :func:`her2_core.aggregate.asco_cap_call`), so they are
 what the worker would report.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
+from her2_core.aggregate import CLASSES, asco_cap_call, class_percentages
 from model_training.tileset import CALL_CLASS
-from worker.aggregate import CLASSES, asco_cap_call, class_percentages
 
 #: Width (percentage points) of the logistic ramps of :func:`soft_call_scores`.
 SOFT_CALL_WIDTH = 2.0
@@ -81,7 +81,7 @@ def bootstrap_intervals(y_true: np.ndarray, scores: np.ndarray, y_pred: np.ndarr
 def soft_call_scores(pct: dict[str, float], evidence_floor: float) -> np.ndarray:
     """A continuous version of the ASCO/CAP top-down rules: scores (4,) for 0 / 1+ / 2+ / 3+ summing to 1.
 
-    Each ">x %" test of :func:`worker.aggregate.asco_cap_call` becomes a
+    Each ">x %" test of :func:`her2_core.aggregate.asco_cap_call` becomes a
     logistic ramp of width :data:`SOFT_CALL_WIDTH` points around x, applied
     top-down; the hard call is (up to ties at the thresholds) the argmax. Used
     only to rank slides for AUC; the predicted class is the hard call.

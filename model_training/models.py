@@ -31,8 +31,8 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
+from her2_core.aggregate import CLASSES
 from model_training import ARCHITECTURES
-from worker.aggregate import CLASSES
 
 #: Class names of the two heads: 4 for ASCO/CAP, 3 (no IHC 0) as in the dual-centre study.
 HEAD_CLASSES: dict[int, tuple[str, ...]] = {4: CLASSES, 3: CLASSES[1:]}

@@ -5,7 +5,7 @@ converted by wsidicomizer, as the ``real_cores`` test fixture does) scored by
 the worker's own :func:`worker.pipeline.score_slide` with the CNN alone (the
 membrane grader off): the CNN's slide call, its tumour-area percentages and
 the continuous score 0*p0 + 1*p1 + 2*p2 + 3*p3. The figures go into the card's
-``real_tissue`` block (:class:`worker.model_card.RealCoreFigure`) beside the
+``real_tissue`` block (:class:`her2_core.model_card.RealCoreFigure`) beside the
 synthetic metrics. Nothing here fits, tunes or selects anything on the cores.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.aggregate import CLASSES
-from worker.model_card import RealCoreFigure
+from her2_core.aggregate import CLASSES
+from her2_core.model_card import RealCoreFigure
 from worker.pipeline import score_slide
 from worker.settings import load_settings
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from her2_core.model_card import MAGNIFICATION_MPP
 from model_training.annotated import annotated_datasets
 from model_training.evaluate import evaluate
 from model_training.export import export_onnx, model_card, onnx_parity, write_card
@@ -30,7 +31,6 @@ from model_training.train import (
     load_checkpoint,
     save_checkpoint,
 )
-from worker.model_card import MAGNIFICATION_MPP
 
 DEFAULT_MODEL_NAME = "her2-tiny-cnn"
 DEFAULT_MODEL_VERSION = "1.0.0"

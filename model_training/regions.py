@@ -20,7 +20,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from skimage import draw, measure
 
-from worker.aggregate import CLASSES
+from her2_core.aggregate import CLASSES
 
 
 def _signed_area(ring: np.ndarray) -> float:
@@ -68,7 +68,7 @@ def class_areas(polygons: Mapping[str, Sequence[np.ndarray]], tissue: np.ndarray
         HER2 class -> polygons (N, 2) in base-level pixels.
     tissue:
         Tissue mask of the whole slide at any resolution (mapped onto the level by proportion,
-        as :func:`worker.preprocessing.candidate_tiles` does).
+        as :func:`her2_core.preprocessing.candidate_tiles` does).
     grid:
         (rows, cols) of the tile grid at the training level; ``tile_px`` its tile size in level pixels.
     level_size:

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from dicom_io.wsi import Slide, open_slide
+from her2_core.preprocessing import REFERENCE, StainNormaliser, StainReference
 from model_training.synthetic import SlideSpec, truth_grid
 from model_training.synthetic_dicom import TRUTH_FILE
-from worker.preprocessing import REFERENCE, StainNormaliser, StainReference
 from worker.tiles import (
     Position,
     PreparedSlide,

@@ -58,9 +58,9 @@ from functools import cached_property
 import numpy as np
 from scipy import ndimage
 
-from worker.aggregate import CLASSES, SlideCall, asco_cap_call
-from worker.preprocessing.stain import EOSIN_OD, REFERENCE
-from worker.preprocessing.tissue import THUMBNAIL_MPP
+from her2_core.aggregate import CLASSES, SlideCall, asco_cap_call
+from her2_core.preprocessing.stain import EOSIN_OD, REFERENCE
+from her2_core.preprocessing.tissue import THUMBNAIL_MPP
 
 #: Coarse grid (um) on which the smooth layout fields are defined.
 FIELD_STEP_UM = 32.0

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from her2_core.aggregate import CLASSES
 from model_training.slide_tiles import synthetic_slide_tiles
 from model_training.synthetic import Rendered, SlideSpec, random_spec, render_region, slide_truth
 from model_training.synthetic_dicom import write_synthetic_slide
 from model_training.tileset import CALL_CLASS, SlideInfo, TileSet
-from worker.aggregate import CLASSES
 
 #: Bump when the way slides become tiles changes, so stale caches are not reused.
 CACHE_VERSION = 5

@@ -4,7 +4,7 @@ A :class:`TileSet` is what every data source is turned into (synthetic slides
 via DICOM, folder-per-class tiles, BCI, HER2-IHC-40x; see
 :mod:`model_training.layouts`) and what training, evaluation and
 explanations consume. Tiles are always the output of the shared preprocessing
-(:mod:`worker.preprocessing` through :mod:`worker.tiles`): Macenko-normalised
+(:mod:`her2_core.preprocessing` through :mod:`worker.tiles`): Macenko-normalised
 uint8 RGB.
 
 Targets
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.aggregate import CLASSES, SlideCall
+from her2_core.aggregate import CLASSES, SlideCall
 
 #: Slide call -> 4-class index; "0 (ultralow)" is IHC 0 for the 4-class metrics.
 CALL_CLASS: dict[SlideCall, int] = {

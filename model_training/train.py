@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from her2_core.aggregate import class_percentages
 from model_training.augment import Augment
 from model_training.models import AUX_LOSS_WEIGHT, TileClassifier, count_parameters, set_trainable_blocks
 from model_training.tileset import TileSet
-from worker.aggregate import class_percentages
 
 UNFREEZE = ("full", "head", "hybrid")
 #: Softmax temperatures tried by :func:`calibrate_temperature`.

@@ -1,9 +1,9 @@
-"""ASCO/CAP slide call from tumour-area percentages (worker.aggregate)."""
+"""ASCO/CAP slide call from tumour-area percentages (her2_core.aggregate)."""
 
 import numpy as np
 import pytest
 
-from worker.aggregate import SlideCall, asco_cap_call, class_percentages
+from her2_core.aggregate import SlideCall, asco_cap_call, class_percentages
 
 
 def pct(z=0.0, one=0.0, two=0.0, three=0.0):

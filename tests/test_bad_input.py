@@ -34,7 +34,7 @@ from dicom_io.listener import CANNOT_UNDERSTAND, SUCCESS, StorageHandlers, build
 from dicom_io.spool import receiving_marker
 from dicom_io.transfer_syntax import TRANSFER_SYNTAXES
 from dicom_io.wsi import open_slide
-from worker.aggregate import SlideCall
+from her2_core.aggregate import SlideCall
 from worker.pipeline import score_slide
 from worker.settings import load_settings
 

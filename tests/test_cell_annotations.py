@@ -27,7 +27,7 @@ from dicom_io.cell_annotations import (
 from dicom_io.codes import CELL_CLASS_CODES, CLASS_COLOURS
 from dicom_io.result_header import AlgorithmInfo
 from dicom_io.uids import result_uids
-from worker.aggregate import CLASSES
+from her2_core.aggregate import CLASSES
 
 GRADER = AlgorithmInfo(name="her2-membrane", version="0.3.1", software_version="0.1.0")
 IDENTITY = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID",

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from dicom_io.sr import read_sr_call
-from worker.aggregate import CLASSES, SlideCall
+from her2_core.aggregate import CLASSES, SlideCall
 from worker.pipeline import score_slide
 from worker.settings import load_settings
 

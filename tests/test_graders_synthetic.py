@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from her2_core.aggregate import SlideCall
 from model_training.synthetic import random_spec, slide_truth
 from model_training.synthetic_dicom import write_synthetic_slide
-from worker.aggregate import SlideCall
 from worker.pipeline import score_slide
 from worker.settings import load_settings
 

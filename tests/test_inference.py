@@ -5,9 +5,9 @@ import logging
 import numpy as np
 import pytest
 
+from her2_core.preprocessing import REFERENCE, StainNormaliser
 from model_training.synthetic import SlideSpec, render_region
 from worker.inference import TileModel
-from worker.preprocessing import REFERENCE, StainNormaliser
 from worker.settings import load_settings
 
 

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
+from her2_core.aggregate import CLASSES, SlideCall, asco_cap_call
+from her2_core.preprocessing.stain import REFERENCE, fit_stains, stain_concentrations
+from her2_core.preprocessing.tissue import glass_colour, tissue_mask
 from model_training.synthetic import SlideSpec, region_cells, render_region
-from worker.aggregate import CLASSES, SlideCall, asco_cap_call
 from worker.membrane import CellTable, MembraneSummary, grade_cells, summarise_cells
-from worker.preprocessing.stain import REFERENCE, fit_stains, stain_concentrations
-from worker.preprocessing.tissue import glass_colour, tissue_mask
 
 REAL = Path(__file__).parent / "data" / "real_her2"
 MPP = 0.25

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from skimage.data import immunohistochemistry
 
-from model_training.synthetic import SlideSpec, render_region, render_thumbnail
-from worker.preprocessing import (
+from her2_core.preprocessing import (
     REFERENCE,
     THUMBNAIL_MPP,
     StainNormaliser,
@@ -16,6 +15,7 @@ from worker.preprocessing import (
     tissue_mask,
     white_fraction,
 )
+from model_training.synthetic import SlideSpec, render_region, render_thumbnail
 
 
 def test_macenko_on_real_ihc_image_recovers_dab_and_h():
@@ -124,7 +124,7 @@ def test_colour_table_normaliser_equals_the_matrix_form():
 
 def test_colour_codes_and_both_uint8_paths_agree_on_every_colour():
     """The colour table holds, byte for byte, what the direct path computes, for all 2**24 colours."""
-    from worker.preprocessing.stain import LUT_AFTER_PX, colour_codes
+    from her2_core.preprocessing.stain import LUT_AFTER_PX, colour_codes
 
     codes = np.arange(1 << 24, dtype=np.int64)
     rgb = np.stack([codes & 255, codes >> 8 & 255, codes >> 16], axis=-1).astype(np.uint8)
@@ -138,7 +138,7 @@ def test_colour_codes_and_both_uint8_paths_agree_on_every_colour():
 
 
 def test_normaliser_switches_to_its_colour_table_after_enough_pixels():
-    from worker.preprocessing.stain import LUT_AFTER_PX
+    from her2_core.preprocessing.stain import LUT_AFTER_PX
 
     img = immunohistochemistry()
     norm = StainNormaliser.fit(img.reshape(-1, 3))
@@ -157,7 +157,7 @@ def test_normaliser_switches_to_its_colour_table_after_enough_pixels():
 
 
 def test_od_sum_and_stained_test_equal_their_reductions():
-    from worker.preprocessing.stain import OD_FIT_MIN, _stained, optical_density_sum
+    from her2_core.preprocessing.stain import OD_FIT_MIN, _stained, optical_density_sum
 
     rgb = np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     assert np.array_equal(optical_density_sum(rgb), optical_density(rgb).sum(axis=-1))

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from dicom_io.wsi import open_slide
+from her2_core.aggregate import SlideCall
+from her2_core.preprocessing import REFERENCE, fit_stains, optical_density, tissue_mask
 from model_training.slide_tiles import synthetic_slide_tiles
 from model_training.synthetic import SlideSpec, render_region, render_thumbnail
 from model_training.synthetic_dicom import write_synthetic_slide
-from worker.aggregate import SlideCall
 from worker.pipeline import score_slide
-from worker.preprocessing import REFERENCE, fit_stains, optical_density, tissue_mask
 from worker.quality import QualityReport, check_graded, check_slide, check_stain, sharpness
 from worker.settings import load_settings
 from worker.tiles import (

@@ -162,7 +162,7 @@ def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(la
 
 def test_model_card_real_tissue_figures_are_the_bundled_cnns(scored: dict[str, dict]) -> None:
     """The bundled card's real_tissue block (her2 real-tissue) is what the CNN gives on these cores now."""
-    from worker.model_card import load_model_card
+    from her2_core.model_card import load_model_card
     from worker.settings import load_settings
 
     figures = {f.label: f for f in load_model_card(load_settings().model_path).real_tissue}

@@ -44,7 +44,7 @@ from dicom_io.sr import (
     read_sr_ultralow,
 )
 from dicom_io.uids import derived_uid, is_valid_uid, result_uids
-from worker.aggregate import CLASSES, SlideCall, SlideScore, TileGrid
+from her2_core.aggregate import CLASSES, SlideCall, SlideScore, TileGrid
 
 TILE = 512
 SPACING_MM = 0.001  # 1 um/px

@@ -28,6 +28,8 @@ from dicom_io.seg import build_heatmap
 from dicom_io.sr import build_sr, read_sr_call
 from dicom_io.wsi import BRIGHTFIELD, brightfield_path, open_slide
 from dicom_io.wsi_writer import SRGB_PROFILE, SlideIdentity, write_wsi
+from her2_core.aggregate import CLASSES, SlideCall, SlideScore
+from her2_core.preprocessing import grid_for_level
 from model_training.synthetic import SlideSpec, render_region
 from tests.conftest import REAL_HER2, REPO
 from tests.third_party import (
@@ -37,9 +39,7 @@ from tests.third_party import (
     orthanc_dicomize,
     wsidicomize,
 )
-from worker.aggregate import CLASSES, SlideCall, SlideScore
 from worker.pipeline import ScoringResult, score_slide
-from worker.preprocessing import grid_for_level
 from worker.settings import load_settings
 
 #: A real 2+ ISH+ core (tests/data/real_her2) at 0.25 um/px.

@@ -10,7 +10,7 @@ under the tissue tiles the CNN's tile grid already found, at most
 as a pathologist scores representative fields of a large section), grades
 their cells with :func:`worker.membrane.grade_cells` in a thread pool, and
 sums them up with :func:`worker.membrane.summarise_cells`. The slide call is
-the ASCO/CAP rules of :mod:`worker.aggregate` applied to the **cell**
+the ASCO/CAP rules of :mod:`her2_core.aggregate` applied to the **cell**
 percentages.
 
 A slide without a level fine enough (a 10x-only scan) is not graded here: the
@@ -28,7 +28,10 @@ import numpy as np
 
 from dicom_io.errors import CorruptTileError
 from dicom_io.wsi import LevelInfo, Slide, TileSource
-from worker.aggregate import SlideCall, asco_cap_call
+from her2_core.aggregate import SlideCall, asco_cap_call
+from her2_core.preprocessing import white_fraction
+from her2_core.preprocessing.stain import estimate_stain_vectors, optical_density
+from her2_core.preprocessing.tissue import glass_colour
 from worker.membrane import (
     CellTable,
     MembraneSummary,
@@ -37,9 +40,6 @@ from worker.membrane import (
     grade_cells,
     summarise_cells,
 )
-from worker.preprocessing import white_fraction
-from worker.preprocessing.stain import estimate_stain_vectors, optical_density
-from worker.preprocessing.tissue import glass_colour
 from worker.tiles import Position, PreparedSlide, spread_indices
 
 #: Pixel spacing (um) at which membranes are graded: a ~1.7-2 um wide membrane spans ~4 pixels. One spacing for
@@ -124,7 +124,7 @@ def membrane_stains(fields: list[np.ndarray], fallback: np.ndarray) -> np.ndarra
     """The slide's (haematoxylin, DAB) OD matrix estimated on graded fields (RGB at :data:`FIELD_MPP`).
 
     The membrane grader unmixes at its own resolution with stains estimated
-    there (:func:`worker.preprocessing.stain.estimate_stain_vectors`; DAB
+    there (:func:`her2_core.preprocessing.stain.estimate_stain_vectors`; DAB
     is always the reference vector), not with the CNN's fit on the writer's
     1 um/px level: JPEG chroma subsampling of a derived level tilts the
     haematoxylin estimate by a few degrees, which moved real-core cell

@@ -14,10 +14,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dicom_io.errors import AnnotationError, SlideError
+from her2_core.aggregate import CLASSES
+from her2_core.model_card import ModelCardError
 from model_training import cli as training_cli
 from worker import service_cli
-from worker.aggregate import CLASSES
-from worker.model_card import ModelCardError
 from worker.preflight import PreflightError
 from worker.settings import REDIS_URL_KEYS, Settings, load_settings, redact_url
 from worker.viewer import ViewError, view

@@ -1,7 +1,7 @@
 """ONNX Runtime tile model: CUDA execution provider when available, CPU otherwise.
 
 No torch at inference time: the model is an ONNX graph described by its model
-card (:mod:`worker.model_card`), which fixes input name, scaling and outputs.
+card (:mod:`her2_core.model_card`), which fixes input name, scaling and outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from worker.model_card import ModelCard, load_model_card
+from her2_core.model_card import ModelCard, load_model_card
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ ASCO/CAP (2018, 2023 update) score HER2 IHC as the percentage of invasive
 tumour **cells** by membrane staining: none, faint/barely perceptible
 incomplete (1+), weak-to-moderate complete (2+), intense complete (3+); the
 slide call is applied top-down over all tumour cells
-(:func:`worker.aggregate.asco_cap_call`). Visiopharm HER2-CONNECT showed that
+(:func:`her2_core.aggregate.asco_cap_call`). Visiopharm HER2-CONNECT showed that
 classical image analysis of **membrane connectivity** (how complete and how
 intense the DAB ring around each tumour cell is) reproduces assessors'
 scores (breast TMA: 92.3 % agreement, kappa 0.864) and, with adjusted
@@ -13,7 +13,7 @@ learned model (numpy / scipy / scikit-image):
 
 1. colour deconvolution of RGB into haematoxylin and DAB optical density with
    the stains estimated on the graded fields, relative to the slide's glass
-   (:func:`worker.preprocessing.stain.stain_concentrations`), DAB unscaled
+   (:func:`her2_core.preprocessing.stain.stain_concentrations`), DAB unscaled
    (its intensity *is* the grade) and haematoxylin brought to the strength of
    the calibration cores by one factor per slide (:func:`counterstain_gain`:
    labs counterstain more or less, and the nucleus and epithelium rules below
@@ -46,7 +46,7 @@ learned model (numpy / scipy / scikit-image):
    of that part) give the cell's class (:class:`MembraneThresholds`).
 
 The slide call is not made here: :func:`summarise_cells` gives tumour-cell
-percentages per class for :func:`worker.aggregate.asco_cap_call`, and a
+percentages per class for :func:`her2_core.aggregate.asco_cap_call`, and a
 continuous connectivity score.
 """
 
@@ -61,8 +61,8 @@ from scipy.spatial import cKDTree
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
-from worker.aggregate import CLASSES
-from worker.preprocessing.stain import stain_concentrations
+from her2_core.aggregate import CLASSES
+from her2_core.preprocessing.stain import stain_concentrations
 
 #: Pixel spacing (um) the grader works at: input finer than this is binned to it (OD averaged).
 WORK_MPP = 0.5
@@ -72,7 +72,7 @@ COUNTERSTAIN_BLOCK_UM = 8.0
 
 @dataclass(frozen=True)
 class MembraneThresholds:
-    """Cut-offs of the grader: natural-log optical density (as :mod:`worker.preprocessing.stain`), um.
+    """Cut-offs of the grader: natural-log optical density (as :mod:`her2_core.preprocessing.stain`), um.
 
     DAB values are the slide's own DAB OD (relative to its glass, unscaled)
     after a Gaussian of ``dab_sigma_um``, sampled along a cell's boundary as
@@ -251,7 +251,7 @@ class MembraneThresholds:
 class CellTable:
     """One row per detected cell in one image (see :func:`grade_cells`).
 
-    ``cell_class`` indexes ``worker.aggregate.CLASSES``: 0 no staining, 1 faint
+    ``cell_class`` indexes ``her2_core.aggregate.CLASSES``: 0 no staining, 1 faint
     or incomplete, 2 weak-moderate complete (or intense incomplete), 3 intense
     complete. ``tissue_area_um2`` is the image's tissue area (H + DAB above
     ``tissue_od_min`` 0.04 at 2 um, inside ``tissue``; glass gaps left out), for
@@ -368,7 +368,7 @@ def counterstain_gain(fields: Sequence[np.ndarray], mpp: float, stains: np.ndarr
     ``thresholds.h_reference`` over the 90th percentile of haematoxylin on the
     tissue of ``fields`` (RGB uint8 at ``mpp`` um/px, the graded fields)
     averaged over :data:`COUNTERSTAIN_BLOCK_UM` blocks, a thumbnail's view
-    (:func:`worker.preprocessing.tissue.tissue_mask` finds the tissue), within
+    (:func:`her2_core.preprocessing.tissue.tissue_mask` finds the tissue), within
     ``h_gain_max`` either way; 1 with too little tissue. Measured on the
     fields, not on the slide's own thumbnail: a writer's coarse levels are its
     own resampling and encoding (real cores: 4 % between writers).

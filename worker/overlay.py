@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dicom_io.codes import CLASS_COLOURS
-from worker.aggregate import CLASSES, SlideScore
+from her2_core.aggregate import CLASSES, SlideScore
 from worker.membrane import CellTable
 
 #: Colour per class index (:data:`dicom_io.codes.CLASS_COLOURS`, as in the SEG and the ANN).

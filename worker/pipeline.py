@@ -3,8 +3,8 @@
 :func:`score_slide` is the whole job; the CLI, the embedded server and the
 Celery task all call it. Every step is a named function in the module that
 owns its concept: DICOM in :mod:`dicom_io`, preprocessing in
-:mod:`worker.preprocessing`, the model in :mod:`worker.inference`, the
-ASCO/CAP rules in :mod:`worker.aggregate`.
+:mod:`her2_core.preprocessing`, the model in :mod:`worker.inference`, the
+ASCO/CAP rules in :mod:`her2_core.aggregate`.
 
 Research use only: not for clinical use until validated on real slides.
 """
@@ -30,7 +30,7 @@ from dicom_io.result_header import AlgorithmInfo
 from dicom_io.seg import build_heatmap
 from dicom_io.sr import GraderResult, build_sr
 from dicom_io.wsi import LevelInfo, Slide, SourceIdentity, open_slide
-from worker.aggregate import (
+from her2_core.aggregate import (
     CLASSES,
     SlideCall,
     SlideScore,

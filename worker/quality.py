@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from worker.preprocessing import REFERENCE, StainNormaliser, optical_density
-from worker.preprocessing.stain import EOSIN_OD, optical_density_sum
+from her2_core.preprocessing import REFERENCE, StainNormaliser, optical_density
+from her2_core.preprocessing.stain import EOSIN_OD, optical_density_sum
 
 #: Eosin OD vector (Ruifrok & Johnston), the counterstain of H&E.
 EOSIN = np.array(EOSIN_OD, np.float32) / np.linalg.norm(EOSIN_OD)

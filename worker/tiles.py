@@ -23,8 +23,8 @@ import numpy as np
 
 from dicom_io.errors import CorruptTileError
 from dicom_io.wsi import LevelInfo, Slide, TileRead, TileSource
-from worker.aggregate import TileGrid
-from worker.preprocessing import (
+from her2_core.aggregate import TileGrid
+from her2_core.preprocessing import (
     THUMBNAIL_MPP,
     StainNormaliser,
     StainReference,

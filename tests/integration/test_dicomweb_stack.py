@@ -47,9 +47,9 @@ from dicom_io.dicomweb import (
 from dicom_io.errors import SlideError
 from dicom_io.sender import Outbox, StowDestination
 from dicom_io.uids import result_uids
+from her2_core.model_card import load_model_card
 from model_training.synthetic import SlideSpec
 from model_training.synthetic_dicom import write_synthetic_slide
-from worker.model_card import load_model_card
 from worker.settings import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration

@@ -29,10 +29,10 @@ from pynetdicom.sop_class import VLWholeSlideMicroscopyImageStorage
 from test_routing import check_results, results_in_study
 
 from dicom_io.uids import result_uids
+from her2_core.model_card import card_path, load_model_card
 from model_training.synthetic import SlideSpec
 from model_training.synthetic_dicom import write_synthetic_slide
 from worker.jobs import content_key
-from worker.model_card import card_path, load_model_card
 from worker.settings import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration

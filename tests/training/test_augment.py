@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from her2_core.preprocessing import StainNormaliser
 from model_training.augment import SUBSAMPLING, Augment, gaussian_blur, hed_jitter, jpeg_roundtrip, unsharp_mask
-from worker.preprocessing import StainNormaliser
 
 pytestmark = pytest.mark.train
 

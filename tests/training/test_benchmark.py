@@ -1,7 +1,7 @@
 """The benchmark table: one Markdown row per variant, every metric column filled."""
 
+from her2_core.aggregate import CLASSES
 from model_training.benchmark import markdown_table
-from worker.aggregate import CLASSES
 
 
 def test_markdown_table_has_a_row_per_model_and_all_columns():

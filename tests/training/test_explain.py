@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
+from her2_core.preprocessing import REFERENCE
 from model_training.explain import (
     dab_membrane_mask,
     dilate,
     explanation_consistency,
     membrane_activation_precision,
 )
-from worker.preprocessing import REFERENCE
 
 
 def _membrane(size: int = 32) -> np.ndarray:

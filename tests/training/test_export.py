@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from her2_core.model_card import ModelCardError, load_model_card
 from model_training.export import export_onnx
 from model_training.models import TileClassifier
 from model_training.recipes import deploy
 from model_training.train import TrainConfig, fit, predict
 from worker.inference import TileModel
-from worker.model_card import ModelCardError, load_model_card
 
 pytestmark = pytest.mark.train
 
@@ -67,8 +67,8 @@ def test_resizing_architectures_export_with_parity(tmp_path):
 
 
 def test_real_tissue_figures_are_written_into_the_card_and_read_back(trained, tiny_data, tmp_path):
+    from her2_core.model_card import RealCoreFigure
     from model_training.export import add_real_tissue
-    from worker.model_card import RealCoreFigure
 
     path = tmp_path / "m.onnx"
     deploy(trained, {}, path, tiny_data["test"].tiles[:2], 1.0, {}, "test-model", "0.0.1")

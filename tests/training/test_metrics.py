@@ -2,8 +2,8 @@
 
 import numpy as np
 
+from her2_core.aggregate import CLASSES
 from model_training.metrics import aggregate_groups, classification_metrics, report, soft_call_scores
-from worker.aggregate import CLASSES
 
 
 def test_perfect_predictions_score_one():

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from her2_core.preprocessing.stain import REFERENCE, stain_concentrations
 from model_training.synthetic import SlideSpec, render_region
-from worker.preprocessing.stain import REFERENCE, stain_concentrations
 
 MPP = 0.25
 

@@ -7,11 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from her2_core.aggregate import CLASSES
 from model_training import ARCHITECTURES
 from model_training.models import TileClassifier, count_parameters, set_trainable_blocks
 from model_training.recipes import run_training
 from model_training.train import TrainConfig, class_targets
-from worker.aggregate import CLASSES
 
 pytestmark = pytest.mark.train
 

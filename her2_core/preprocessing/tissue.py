@@ -13,7 +13,7 @@ from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_objects
 
-from worker.preprocessing.stain import optical_density_sum
+from her2_core.preprocessing.stain import optical_density_sum
 
 #: Pixel spacing (um) of the thumbnail on which tissue is found (stains are fitted on tiles: worker.tiles).
 THUMBNAIL_MPP = 8.0
@@ -47,4 +47,5 @@ def glass_colour(thumbnail: np.ndarray, mask: np.ndarray, min_pixels: int = 64) 
     background = thumbnail[~mask]
     if len(background) < min_pixels:
         return None
-    return tuple(float(v) for v in np.median(background, axis=0))
+    red, green, blue = (float(v) for v in np.median(background, axis=0))
+    return red, green, blue

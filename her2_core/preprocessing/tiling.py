@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from worker.aggregate import TileGrid
+from her2_core.aggregate import TileGrid
 
 #: A pixel is background ("white") when all three channels are at least this bright.
 WHITE_LEVEL = 220
