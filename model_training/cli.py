@@ -1,8 +1,8 @@
 """``her2`` training subcommands: train, evaluate, export, train-default, explain, benchmark.
 
-Registered into the main parser by :func:`register`. Torch is imported only
-when one of these commands runs, so ``her2 --help`` and the worker need no
-``[train]`` extra.
+``worker.cli`` lists them (:data:`worker.cli.TRAINING_COMMANDS`) without importing this package, and
+imports it only when one of them runs, to parse its options with :func:`register`. Torch is imported only
+inside the commands, so ``her2 --help`` and the worker need no ``[train]`` extra.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from model_training import ARCHITECTURES
+from worker.cli import TRAINING_COMMANDS
 
 DATA_SOURCES = ("synthetic", "folder", "bci", "her2-ihc-40x", "dicom-annotated")
 MAGNIFICATIONS = {10: 1.0, 40: 0.25}
@@ -195,7 +196,7 @@ def _print_metrics(metrics: dict) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the training subcommands to the ``her2`` parser's subparsers."""
-    p = sub.add_parser("train", help="train a tile classifier (needs the [train] extra)",
+    p = sub.add_parser("train", help=TRAINING_COMMANDS["train"],
                        description="Train on a dataset split by patient (stratified); evaluate on the validation "
                        "split and the independent test centre; write model.pt, summary.json and per-split "
                        "metrics.json + ROC/confusion PNGs.")
@@ -205,7 +206,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint: tile/slide/patient metrics with bootstrap CIs",
+    p = sub.add_parser("evaluate", help=TRAINING_COMMANDS["evaluate"],
                        description="Macro and per-class AUC, accuracy, macro F1, QWK and confusion matrix with "
                        "bootstrap 95 %% intervals at tile, slide and patient level, as JSON and PNG plots.")
     p.add_argument("checkpoint", type=Path, help="model.pt written by `her2 train`")
@@ -216,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX + model card for the worker",
+    p = sub.add_parser("export", help=TRAINING_COMMANDS["export"],
                        description="ONNX (dynamic batch, input `tiles` = RGB/255, outputs `probabilities` and "
                        "`tumour_fraction`), checked against torch with ONNX Runtime; card beside it.")
     p.add_argument("checkpoint", type=Path, help="model.pt written by `her2 train`")
@@ -225,7 +226,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--version", default="0.1.0", help="model version in the card")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("train-default", help="reproduce the bundled default model (seeded, a few minutes on CPU)",
+    p = sub.add_parser("train-default", help=TRAINING_COMMANDS["train-default"],
                        description="Render the seeded synthetic cohort, train the tiny CNN at 10x, evaluate it on "
                        "the held-out centre B, and write her2_default.onnx + her2_default.json into --out.")
     p.add_argument("--out", type=Path, default=Path("worker") / "models", help="model folder (default worker/models)")
@@ -236,7 +237,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=cmd_train_default)
 
-    p = sub.add_parser("real-tissue", help="score real cores with a model (CNN only) and record them in its card",
+    p = sub.add_parser("real-tissue", help=TRAINING_COMMANDS["real-tissue"],
                        description="Score DICOM WSI series of real cores with the model's CNN (membrane grader "
                        "off) and write each core's call, tumour-area percentages and 0*p0+1*p1+2*p2+3*p3 into the "
                        "card's real_tissue block. Scoring only: nothing is fitted on the cores.")
@@ -246,7 +247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="what the cores are (source, scores, converter), for the card")
     p.set_defaults(func=cmd_real_tissue)
 
-    p = sub.add_parser("explain", help="Grad-CAM / Score-CAM overlays with MAP and EC",
+    p = sub.add_parser("explain", help=TRAINING_COMMANDS["explain"],
                        description="Explain tiles of a split with Grad-CAM and Score-CAM; report Membrane Activation "
                        "Precision (exact membranes for synthetic data, DAB deconvolution otherwise) and Explanation "
                        "Consistency under flips/rotations; write explanations.json and overlay PNGs.")
@@ -262,7 +263,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("benchmark", help="train + evaluate variants on the synthetic cohort; Markdown table",
+    p = sub.add_parser("benchmark", help=TRAINING_COMMANDS["benchmark"],
                        description="Studies: architectures (all six + tiny), unfreezing (full / hybrid / head), "
                        "stain (with / without Macenko), magnification (10x / 40x, crossed). Metrics on centre B.")
     _data_options(p)

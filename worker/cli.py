@@ -16,11 +16,22 @@ from pydantic import ValidationError
 from dicom_io.errors import AnnotationError, SlideError
 from her2_core.aggregate import CLASSES
 from her2_core.model_card import ModelCardError
-from model_training import cli as training_cli
 from worker import service_cli
 from worker.preflight import PreflightError
 from worker.settings import REDIS_URL_KEYS, Settings, load_settings, redact_url
 from worker.viewer import ViewError, view
+
+#: The training commands (``model_training.cli``) and their one-line help, listed by ``her2 --help`` without
+#: importing training code.
+TRAINING_COMMANDS = {
+    "train": "train a tile classifier (needs the [train] extra)",
+    "evaluate": "evaluate a checkpoint: tile/slide/patient metrics with bootstrap CIs",
+    "export": "export a checkpoint to ONNX + model card for the worker",
+    "train-default": "reproduce the bundled default model (seeded, a few minutes on CPU)",
+    "real-tissue": "score real cores with a model (CNN only) and record them in its card",
+    "explain": "Grad-CAM / Score-CAM overlays with MAP and EC",
+    "benchmark": "train + evaluate variants on the synthetic cohort; Markdown table",
+}
 
 EPILOG = "Research use only - not for clinical use. Configuration: --config FILE (JSON/TOML) or HER2_<KEY> env vars; see `her2 config`."
 
@@ -214,15 +225,35 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_config)
     service_cli.register(sub)
-    training_cli.register(sub)
+    for name, help_text in TRAINING_COMMANDS.items():
+        # Registered lazily: model_training (and torch) is imported only when one of these runs, by
+        # run_training_command, which parses the command's own options with model_training.cli's parser.
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.set_defaults(func=run_training_command)
     return parser
 
 
+def run_training_command(args: argparse.Namespace, extra: list[str]) -> int:
+    """Parse and run a training command with the parser of :mod:`model_training.cli` (imported only now)."""
+    from model_training import cli as training_cli
+
+    parser = argparse.ArgumentParser(prog="her2", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    training_cli.register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    training_args = parser.parse_args([args.command, *extra])
+    return training_args.func(training_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.func is not run_training_command and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")  # what parse_args says
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.func is run_training_command:
+            return run_training_command(args, extra)
         return args.func(args)
     except (SlideError, AnnotationError, ModelCardError, ValidationError, FileNotFoundError, PreflightError,
             ViewError) as exc:
