@@ -31,6 +31,7 @@ import logging
 import ssl
 import weakref
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -173,28 +174,54 @@ def build_ae(ae_title: str, allowed_calling_aets: list[str], timeout: float, max
     return ae
 
 
-def listener_tls_context(settings) -> ssl.SSLContext | None:
-    """The Storage SCP's TLS context when ``listen_tls`` is set (PS3.15 B.1), else None (plain TCP)."""
-    if not settings.listen_tls:
-        return None
-    return server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file,
-                          settings.tls_require_client_cert, settings.dicom_timeout_seconds)
+@dataclass(frozen=True)
+class ListenerTLS:
+    """DICOM TLS of the Storage SCP (PS3.15 B.1): our certificate and key, the CA trusted for callers."""
+
+    cert_file: Path | None
+    key_file: Path | None
+    ca_file: Path | None
+    require_client_cert: bool = True
 
 
-def start_listener(settings, on_spooled: SpooledCallback, on_ended: EndedCallback) -> ThreadedAssociationServer:
-    """Start the Storage SCP in background threads; ``server.shutdown()`` stops it.
+@dataclass(frozen=True)
+class ListenerConfig:
+    """What the Storage SCP needs: its AE and address (PS3.8 association parameters), TLS and spool.
 
-    ``settings`` is a :class:`worker.settings.Settings` (network, AE, TLS and spool keys).
+    ``keep_pixels`` False spools headers only (workers read the frames over DICOMweb); ``tls`` None is
+    plain TCP. The worker builds it from its settings (:meth:`worker.settings.Settings.listener_config`).
     """
-    handlers = StorageHandlers(settings.spool_dir, on_spooled, on_ended, keep_pixels=settings.slide_source == "spool")
-    ae = build_ae(settings.ae_title, settings.allowed_calling_aets, settings.dicom_timeout_seconds,
-                  settings.max_associations)
-    tls = listener_tls_context(settings)
-    server = ae.start_server((settings.listen_host, settings.listen_port), block=False,
+
+    ae_title: str
+    host: str
+    port: int
+    allowed_calling_aets: tuple[str, ...]
+    timeout: float
+    max_associations: int
+    spool_dir: Path
+    keep_pixels: bool = True
+    tls: ListenerTLS | None = None
+
+
+def listener_tls_context(config: ListenerConfig) -> ssl.SSLContext | None:
+    """The Storage SCP's TLS context when ``config.tls`` is set (PS3.15 B.1), else None (plain TCP)."""
+    if config.tls is None:
+        return None
+    tls = config.tls
+    return server_context(tls.cert_file, tls.key_file, tls.ca_file, tls.require_client_cert, config.timeout)
+
+
+def start_listener(config: ListenerConfig, on_spooled: SpooledCallback, on_ended: EndedCallback
+                   ) -> ThreadedAssociationServer:
+    """Start the Storage SCP in background threads; ``server.shutdown()`` stops it."""
+    handlers = StorageHandlers(config.spool_dir, on_spooled, on_ended, keep_pixels=config.keep_pixels)
+    ae = build_ae(config.ae_title, list(config.allowed_calling_aets), config.timeout, config.max_associations)
+    tls = listener_tls_context(config)
+    server = ae.start_server((config.host, config.port), block=False,
                              evt_handlers=handlers.bindings(), ssl_context=tls)
     assert server is not None  # block=False returns the running server
-    mode = "plain TCP" if tls is None else \
-        f"TLS, client certificate {'required' if settings.tls_require_client_cert else 'not required'}"
-    log.info("listening as %s on %s:%d (%s; spool %s%s)", settings.ae_title, *server.server_address[:2], mode,
-             settings.spool_dir, "" if handlers.keep_pixels else ", headers only: workers read frames over DICOMweb")
+    mode = "plain TCP" if config.tls is None else \
+        f"TLS, client certificate {'required' if config.tls.require_client_cert else 'not required'}"
+    log.info("listening as %s on %s:%d (%s; spool %s%s)", config.ae_title, *server.server_address[:2], mode,
+             config.spool_dir, "" if handlers.keep_pixels else ", headers only: workers read frames over DICOMweb")
     return server

@@ -60,6 +60,17 @@ class Link(Protocol):
 
 
 @dataclass(frozen=True)
+class ClientTLS:
+    """DICOM TLS of the C-STORE SCU (PS3.15 B.1): our optional certificate and key, the CA trusted for the
+    destination (system store when None) and the name checked against its certificate ("" = its host)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    server_hostname: str = ""
+
+
+@dataclass(frozen=True)
 class Destination:
     """The C-STORE SCP that receives results (PS3.8 association parameters)."""
 
@@ -72,13 +83,14 @@ class Destination:
     tls_args: tuple[ssl.SSLContext, str] | None = None
 
     @classmethod
-    def from_settings(cls, settings) -> Destination:
+    def with_tls(cls, host: str, port: int, ae_title: str, calling_ae_title: str, timeout: float,
+                 tls: ClientTLS | None = None) -> Destination:
+        """A destination reached over DICOM TLS when ``tls`` is given (its context is built now), else plain TCP."""
         tls_args = None
-        if settings.destination_tls:
-            context = client_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
-            tls_args = (context, settings.destination_tls_hostname or settings.destination_host)
-        return cls(settings.destination_host, settings.destination_port, settings.destination_aet,
-                   settings.ae_title, settings.dicom_timeout_seconds, tls_args)
+        if tls is not None:
+            context = client_context(tls.cert_file, tls.key_file, tls.ca_file)
+            tls_args = (context, tls.server_hostname or host)
+        return cls(host, port, ae_title, calling_ae_title, timeout, tls_args)
 
     @property
     def name(self) -> str:

@@ -24,6 +24,7 @@ from worker.tiles import (
 
 DATA = Path(__file__).parent / "data"
 SETTINGS = load_settings()
+THRESHOLDS = SETTINGS.quality_thresholds()
 
 
 def slide_report(factor: float = 1.0, **kwargs):
@@ -35,8 +36,8 @@ def slide_report(factor: float = 1.0, **kwargs):
     thumb = restained(render_thumbnail(spec), factor)
     tiles = restained(np.stack([render_region(spec, x, y, 512, 512, 1.0).rgb for x in (512, 1024) for y in (512, 1024)]),
                       factor)
-    report = check_slide(thumb, tissue_mask(thumb), SETTINGS)
-    check_stain(report, fit_stains(tiles), SETTINGS)
+    report = check_slide(thumb, tissue_mask(thumb), THRESHOLDS)
+    check_stain(report, fit_stains(tiles), THRESHOLDS)
     return report
 
 
@@ -56,7 +57,7 @@ def test_real_he_slide_is_not_assessable():
     """The Camelyon H&E lymph-node slide (real data, Apache-2.0/CC0) is recognised as not IHC."""
     with open_slide(DATA / "camelyon_he.dcm") as slide:
         thumb, _ = slide.thumbnail(8.0)
-    report = check_slide(thumb, tissue_mask(thumb), SETTINGS)
+    report = check_slide(thumb, tissue_mask(thumb), THRESHOLDS)
     assert report.measures["eosin_share"] > 0.2
     assert "not a HER2 IHC" in report.not_assessable[0]
 
@@ -79,7 +80,7 @@ def test_blur_separates_through_the_dicom_path(tmp_path):
     flags = {}
     for name, median in medians.items():
         report = QualityReport()
-        check_graded(report, np.array([median]), 1.0, None, SETTINGS)
+        check_graded(report, np.array([median]), 1.0, None, THRESHOLDS)
         flags[name] = report.flags
     assert flags == {"sharp": [], "blurred": [f"QC: out of focus (sharpness {medians['blurred']:.1f} < 3.0)"]}
     # The job measures sharpness in the decode pool on a sample of tissue tiles (here: every one of them).
@@ -144,6 +145,6 @@ def test_stain_too_faint_to_estimate_is_flagged():
     spec = SlideSpec(seed=1, width_um=2048, height_um=2048, class_mix={"2+": 1.0})
     tiles = np.stack([render_region(spec, x, y, 512, 512, 1.0).rgb for x in (512, 1024) for y in (512, 1024)])
     report = QualityReport()
-    check_stain(report, fit_stains(restained(tiles, 0.2)), SETTINGS)
+    check_stain(report, fit_stains(restained(tiles, 0.2)), THRESHOLDS)
     assert report.flags == ["QC: stain outside the training distribution (haematoxylin colour or amount not "
                             "estimable: stain too faint or off-colour)"]

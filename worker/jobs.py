@@ -248,7 +248,7 @@ def result_destination(settings: Settings) -> Destination | StowDestination:
     """Where results go (``result_delivery``): C-STORE to destination_host/port/aet, or STOW-RS to dicomweb_url."""
     if settings.result_delivery == "stow":
         return StowDestination(settings.dicomweb_server())
-    return Destination.from_settings(settings)
+    return settings.destination()
 
 
 def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:

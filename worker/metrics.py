@@ -39,7 +39,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from worker.metrics_store import MULTIPROC_ENV
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +190,17 @@ def serve(host: str, port: int, role: str, served: CollectorRegistry, health: He
     return server
 
 
-def start_endpoint(settings: Settings, role: str, port: int) -> ThreadingHTTPServer | None:
-    """The endpoint of a listener or worker, from its settings; None (one error line) when the port is taken."""
+def start_endpoint(role: str, host: str, port: int, broker_url: str, state_redis_url: str,
+                   outbox_dir: Path) -> ThreadingHTTPServer | None:
+    """The endpoint of a listener or worker (``role``); None (one error line) when the port is taken.
+
+    ``/metrics`` counts the backlog of ``broker_url``'s queue and of ``outbox_dir``; ``/health`` pings the broker
+    and the job-state Redis.
+    """
     try:
-        return serve(settings.metrics_host, port, role, registry(settings.broker_url, settings.outbox_dir),
-                     redis_health({"broker_url": settings.broker_url, "state_redis_url": settings.state_redis_url}))
+        return serve(host, port, role, registry(broker_url, outbox_dir),
+                     redis_health({"broker_url": broker_url, "state_redis_url": state_redis_url}))
     except OSError as exc:
-        log.error("%s metrics endpoint not started on %s:%d: %s (set %s_metrics_port)", role, settings.metrics_host,
+        log.error("%s metrics endpoint not started on %s:%d: %s (set %s_metrics_port)", role, host,
                   port, exc.strerror or exc, role)
         return None

@@ -112,14 +112,15 @@ def score_slide(source: Path | Slide, settings: Settings, out_dir: Path | None =
         model = load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
                            settings.white_fraction_max, settings.precision)
         survey = survey_slide(slide)
-        quality = check_slide(survey.thumbnail, survey.mask, settings)
+        thresholds = settings.quality_thresholds()
+        quality = check_slide(survey.thumbnail, survey.mask, thresholds)
         try:
             prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
         except SlideError:
             if not quality.not_assessable:
                 raise
             prepared = unprepared(slide, survey, model.card.tile_size)  # e.g. an H&E overview: no level to grade at
-        check_stain(quality, prepared.normaliser, settings)
+        check_stain(quality, prepared.normaliser, thresholds)
         level = prepared.level
         if quality.not_assessable:
             tiles, stats = not_assessable(prepared.grid, quality), {"tiles_candidate": 0, "tiles_scored": 0}
@@ -129,7 +130,7 @@ def score_slide(source: Path | Slide, settings: Settings, out_dir: Path | None =
                 cells = grade_membranes(slide, prepared, settings.membrane_thresholds(), settings.membrane_max_fields,
                                         settings.decode_threads, settings.evidence_floor_percent)
             check_graded(quality, sharpness, tiles.tumour_area_mm2,
-                         None if cells is None else cells.summary.tumour_cells, settings)
+                         None if cells is None else cells.summary.tumour_cells, thresholds)
             stats.update(cell_stats(cells))
         score, decided_by = conclude(tiles, cells, quality, prepared.normaliser.notes, stats.get("tiles_corrupt", 0),
                                      settings)

@@ -46,11 +46,10 @@ def check_redis(settings: Settings) -> None:
 def check_tls(settings: Settings) -> None:
     """Build the TLS contexts the settings ask for, so a missing or bad certificate fails at start."""
     from dicom_io.listener import listener_tls_context
-    from dicom_io.sender import Destination
 
     try:
-        listener_tls_context(settings)
-        Destination.from_settings(settings)
+        listener_tls_context(settings.listener_config())
+        settings.destination()
     except TLSConfigError as exc:
         raise PreflightError(str(exc)) from None
 

@@ -1,6 +1,7 @@
 """Quality control before and after grading: is this slide assessable, and what should a pathologist check?
 
-Checks and thresholds (all in :class:`worker.settings.Settings`, calibrated on
+Checks and thresholds (:class:`QualityThresholds`, from the ``qc_*`` keys of
+:class:`worker.settings.Settings`, which hold their defaults; calibrated on
 the synthetic QC cases in ``tests/test_quality.py``; not validated on real slides):
 
 * **Wrong stain** (not HER2 IHC/DAB, e.g. H&E): the optical density of stained
@@ -49,6 +50,20 @@ NO_TISSUE = "no tissue found on the slide"
 UNESTIMABLE_H = "too few stained pixels"
 
 
+@dataclass(frozen=True)
+class QualityThresholds:
+    """The QC thresholds (the ``qc_*`` settings, :meth:`worker.settings.Settings.quality_thresholds`)."""
+
+    eosin_share_max: float
+    pen_share_max: float
+    fold_share_max: float
+    sharpness_min: float
+    h_scale_min: float
+    h_scale_max: float
+    min_tumour_cells: int
+    min_tumour_mm2: float
+
+
 @dataclass
 class QualityReport:
     """Reasons that prevent a HER2 call, flags for review, and the measured values."""
@@ -75,7 +90,7 @@ def sharpness(tiles: np.ndarray) -> np.ndarray:
     return np.array([np.abs(ndimage.gaussian_laplace(g, 1.0)).mean() for g in grey])
 
 
-def check_slide(thumbnail: np.ndarray, mask: np.ndarray, settings) -> QualityReport:
+def check_slide(thumbnail: np.ndarray, mask: np.ndarray, thresholds: QualityThresholds) -> QualityReport:
     """Checks on the whole-slide thumbnail, before any tile is read (stain type, pen, folds)."""
     report = QualityReport()
     tissue = thumbnail[mask]
@@ -92,23 +107,23 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, settings) -> QualityRep
         fold_share=float(((od_sum > FOLD_OD) & ~pen).mean()),
     )
     m = report.measures
-    if m["eosin_share"] > settings.qc_eosin_share_max:
+    if m["eosin_share"] > thresholds.eosin_share_max:
         report.not_assessable.append(
-            f"not a HER2 IHC (DAB) stain: eosin share {m['eosin_share']:.2f} > {settings.qc_eosin_share_max} "
+            f"not a HER2 IHC (DAB) stain: eosin share {m['eosin_share']:.2f} > {thresholds.eosin_share_max} "
             "(H&E slide?)")
-    if m["pen_share"] > settings.qc_pen_share_max:
+    if m["pen_share"] > thresholds.pen_share_max:
         report.flags.append(f"QC: pen marks on {100 * m['pen_share']:.1f} % of the tissue")
-    if m["fold_share"] > settings.qc_fold_share_max:
+    if m["fold_share"] > thresholds.fold_share_max:
         report.flags.append(f"QC: possible tissue folds on {100 * m['fold_share']:.1f} % of the tissue")
     return report
 
 
-def check_stain(report: QualityReport, normaliser: StainNormaliser, settings) -> None:
+def check_stain(report: QualityReport, normaliser: StainNormaliser, thresholds: QualityThresholds) -> None:
     """The stain-fit check, once the slide's stains are fitted on its tiles."""
     report.measures["h_scale"] = normaliser.h_scale
     if NO_TISSUE in report.not_assessable:
         return
-    low, high = settings.qc_h_scale_min, settings.qc_h_scale_max
+    low, high = thresholds.h_scale_min, thresholds.h_scale_max
     if not low <= normaliser.h_scale <= high:
         report.flags.append(f"QC: stain outside the training distribution (haematoxylin scale "
                             f"{normaliser.h_scale:.2f} outside [{low}, {high}])")
@@ -118,7 +133,7 @@ def check_stain(report: QualityReport, normaliser: StainNormaliser, settings) ->
 
 
 def check_graded(report: QualityReport, tile_sharpness: np.ndarray, tumour_area_mm2: float, tumour_cells: int | None,
-                 settings) -> None:
+                 thresholds: QualityThresholds) -> None:
     """Checks that need the graded tiles: blur and the amount of tumour.
 
     The amount of tumour is the membrane grader's tumour-cell count when it
@@ -127,14 +142,14 @@ def check_graded(report: QualityReport, tile_sharpness: np.ndarray, tumour_area_
     report.measures["tumour_area_mm2"] = tumour_area_mm2
     if tile_sharpness.size:
         report.measures["sharpness"] = float(np.median(tile_sharpness))
-        if report.measures["sharpness"] < settings.qc_sharpness_min:
+        if report.measures["sharpness"] < thresholds.sharpness_min:
             report.flags.append(f"QC: out of focus (sharpness {report.measures['sharpness']:.1f} < "
-                                f"{settings.qc_sharpness_min})")
+                                f"{thresholds.sharpness_min})")
     if tumour_cells is not None:
         report.measures["tumour_cells"] = tumour_cells
-        if tumour_cells < settings.qc_min_tumour_cells:
+        if tumour_cells < thresholds.min_tumour_cells:
             report.not_assessable.append(
-                f"too little tumour: {tumour_cells} tumour cells graded < {settings.qc_min_tumour_cells}")
-    elif tumour_area_mm2 < settings.qc_min_tumour_mm2:
+                f"too little tumour: {tumour_cells} tumour cells graded < {thresholds.min_tumour_cells}")
+    elif tumour_area_mm2 < thresholds.min_tumour_mm2:
         report.not_assessable.append(
-            f"too little tumour: {tumour_area_mm2:.2f} mm2 graded < {settings.qc_min_tumour_mm2} mm2")
+            f"too little tumour: {tumour_area_mm2:.2f} mm2 graded < {thresholds.min_tumour_mm2} mm2")

@@ -35,7 +35,7 @@ def run_listener(settings: Settings, store: JobStore, enqueue: Enqueue, stop: th
         log.info("%d series already in the spool are tracked again", found)
     for series in tracker.held():
         log.warning("series %s was being received when the listener stopped; held until it is sent again", series)
-    server = start_listener(settings, tracker.note, tracker.association_ended)
+    server = start_listener(settings.listener_config(), tracker.note, tracker.association_ended)
     tick = min(1.0, settings.stable_seconds / 4)
     try:
         while not stop.wait(tick):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -26,10 +25,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **overrides)
 
 
-def _share_config(args: argparse.Namespace) -> None:
-    """Celery's app module reads settings on its own (``get_settings``): point it at the same file."""
-    if args.config:
-        os.environ["HER2_CONFIG"] = str(args.config)
+def _configure_celery(settings: Settings) -> None:
+    """The Celery app and its tasks use this command's settings (its ``--config``), not ``HER2_CONFIG``'s."""
+    from worker.celery_app import configure
+
+    configure(settings)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -52,13 +52,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from worker.service import celery_enqueue, run_listener
     from worker.tasks import sweep_expired_leases
 
-    _share_config(args)
     settings = _settings(args)
+    _configure_celery(settings)
     _service_logging()
     preflight(settings)
     store, stop = RedisJobStore(settings.state_redis_url), _stop_on_signals()
     if settings.metrics_enabled:
-        start_endpoint(settings, "listener", settings.listener_metrics_port)
+        start_endpoint("listener", settings.metrics_host, settings.listener_metrics_port, settings.broker_url,
+                       settings.state_redis_url, settings.outbox_dir)
     leases = Leases(settings.state_redis_url, settings.job_lease_seconds)  # jobs of lost workers go back in the queue
     start_sweeper(lambda: sweep_expired_leases(store, leases), settings.job_lease_renew_seconds, stop)
     run_listener(settings, store, celery_enqueue, stop)
@@ -66,8 +67,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    _share_config(args)
-    preflight(_settings(args))  # fail early, in one line, on invalid settings, credentials or certificates
+    settings = _settings(args)
+    _configure_celery(settings)
+    preflight(settings)  # fail early, in one line, on invalid settings, credentials or certificates
     from worker.celery_app import app
 
     app.worker_main(["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
@@ -118,8 +120,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from worker.jobs import RetryError, job_store, retry_job
     from worker.service import celery_enqueue, run_with_retries
 
-    _share_config(args)
     settings = _settings(args)
+    if not args.embedded:
+        _configure_celery(settings)
     store = job_store(settings, args.embedded)
     # Embedded mode has no queue another process can reach: the job runs here, now.
     enqueue = (lambda job: run_with_retries(job, settings, store)) if args.embedded else celery_enqueue

@@ -23,7 +23,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from dicom_io.dicomweb import DicomWebServer
+    from dicom_io.listener import ListenerConfig
+    from dicom_io.sender import Destination
     from worker.membrane import MembraneThresholds
+    from worker.quality import QualityThresholds
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACKAGE_DIR / "models" / "her2_default.onnx"
@@ -206,6 +209,37 @@ class Settings(BaseSettings):
         from worker.membrane import MembraneThresholds  # scipy/scikit-image: not for the listener's import
 
         return replace(MembraneThresholds(), **self.membrane_cutoffs)
+
+    def quality_thresholds(self) -> QualityThresholds:
+        """The ``qc_*`` thresholds, for :mod:`worker.quality`."""
+        from worker.quality import QualityThresholds  # scipy: not for the listener's import
+
+        return QualityThresholds(
+            eosin_share_max=self.qc_eosin_share_max, pen_share_max=self.qc_pen_share_max,
+            fold_share_max=self.qc_fold_share_max, sharpness_min=self.qc_sharpness_min,
+            h_scale_min=self.qc_h_scale_min, h_scale_max=self.qc_h_scale_max,
+            min_tumour_cells=self.qc_min_tumour_cells, min_tumour_mm2=self.qc_min_tumour_mm2)
+
+    def listener_config(self) -> ListenerConfig:
+        """What the Storage SCP needs (:mod:`dicom_io.listener`): AE, address, timeouts, spool and TLS keys."""
+        from dicom_io.listener import ListenerConfig, ListenerTLS
+
+        tls = None
+        if self.listen_tls:
+            tls = ListenerTLS(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_require_client_cert)
+        return ListenerConfig(self.ae_title, self.listen_host, self.listen_port, tuple(self.allowed_calling_aets),
+                              self.dicom_timeout_seconds, self.max_associations, self.spool_dir,
+                              keep_pixels=self.slide_source == "spool", tls=tls)
+
+    def destination(self) -> Destination:
+        """The C-STORE SCP that receives results (:mod:`dicom_io.sender`); its TLS context is built now."""
+        from dicom_io.sender import ClientTLS, Destination
+
+        tls = None
+        if self.destination_tls:
+            tls = ClientTLS(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.destination_tls_hostname)
+        return Destination.with_tls(self.destination_host, self.destination_port, self.destination_aet,
+                                    self.ae_title, self.dicom_timeout_seconds, tls)
 
     def dicomweb_server(self) -> DicomWebServer:
         """The DICOMweb server of ``dicomweb_url`` with its credentials, for :mod:`dicom_io.dicomweb`."""

@@ -26,12 +26,9 @@ from celery.signals import task_failure
 
 from dicom_io.errors import SlideError
 from worker import metrics
-from worker.celery_app import app
+from worker.celery_app import SCORE_TASK, app, app_settings
 from worker.jobs import Job, JobState, JobStore, RedisJobStore, run_job
 from worker.lease import Attempt, Leases, requeue_expired, run_leased
-from worker.settings import get_settings
-
-_settings = get_settings()
 
 
 def _reason(exc: BaseException) -> str:
@@ -47,13 +44,14 @@ class SlideTask(Task):
     @property
     def store(self) -> RedisJobStore:
         if self._store is None:
-            self._store = RedisJobStore(_settings.state_redis_url)
+            self._store = RedisJobStore(app_settings().state_redis_url)
         return self._store
 
     @property
     def leases(self) -> Leases:
         if self._leases is None:
-            self._leases = Leases(_settings.state_redis_url, _settings.job_lease_seconds)
+            settings = app_settings()
+            self._leases = Leases(settings.state_redis_url, settings.job_lease_seconds)
         return self._leases
 
     def _end_lost_attempt(self, exc: BaseException, task_id: str | None) -> None:
@@ -82,15 +80,13 @@ class SlideTask(Task):
 @app.task(
     bind=True,
     base=SlideTask,
-    name="her2.score_slide",
+    name=SCORE_TASK,
     autoretry_for=(Exception,),
     dont_autoretry_for=(SlideError,),
-    max_retries=_settings.task_max_retries,
     retry_backoff=True,
-    retry_backoff_max=_settings.task_retry_backoff_max,
     retry_jitter=True,
     retry_on_worker_lost=True,
-    default_retry_delay=min(60, _settings.task_retry_backoff_max),  # after a lost pool child
+    # max_retries, retry_backoff_max and default_retry_delay: from the settings (celery_config's task_annotations)
 )
 def score_series_task(self: SlideTask, series_dir: str, series_instance_uid: str, source: str = "spool",
                 study_instance_uid: str = "", instances: dict[str, str] | None = None) -> str:
@@ -101,8 +97,9 @@ def score_series_task(self: SlideTask, series_dir: str, series_instance_uid: str
     attempt = Attempt(self.request.id, self.request.retries, series_instance_uid, tuple(self.request.args),
                       dict(self.request.kwargs or {}))
     job = Job(series_dir, series_instance_uid, source, study_instance_uid, instances or {})
-    return run_leased(self.leases, attempt, _settings.job_lease_renew_seconds,
-                      lambda: run_job(job, _settings, self.store).value)
+    settings = app_settings()
+    return run_leased(self.leases, attempt, settings.job_lease_renew_seconds,
+                      lambda: run_job(job, settings, self.store).value)
 
 
 def requeue(attempt: Attempt) -> None:
@@ -112,7 +109,8 @@ def requeue(attempt: Attempt) -> None:
 
 def sweep_expired_leases(store: JobStore, leases: Leases) -> list[Attempt]:
     """Queue again (or park) every job whose worker stopped renewing its lease; run by workers and the listener."""
-    return requeue_expired(leases, store, _settings.task_max_retries, _settings.job_lease_seconds, requeue)
+    settings = app_settings()
+    return requeue_expired(leases, store, settings.task_max_retries, settings.job_lease_seconds, requeue)
 
 
 @task_failure.connect

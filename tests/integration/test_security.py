@@ -126,7 +126,7 @@ def tls_destination(pki: PKI, port: int, trust: Path | None = None, client: KeyP
     settings = load_settings(destination_tls=True, destination_port=port, destination_aet="TLSPACS",
                              tls_cert_file=(client or pki.caller).cert, tls_key_file=(client or pki.caller).key,
                              tls_ca_file=trust or pki.ca.bundle, dicom_timeout_seconds=10)
-    return Destination.from_settings(settings)
+    return settings.destination()
 
 
 def test_sender_delivers_over_tls_and_keeps_results_for_an_untrusted_or_plain_peer(pki, tmp_path):
