@@ -24,8 +24,9 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_io.uids import ResultUIDs, result_uids
+from her2_core.facts import INTENDED_USE
 
-NOT_FOR_CLINICAL_USE = "Research use only - not for clinical use"
+NOT_FOR_CLINICAL_USE = INTENDED_USE
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -62,13 +62,11 @@ from dicom_io.result_header import (
 )
 from dicom_io.uids import derived_uid
 from her2_core.aggregate import CLASSES, SlideCall, SlideScore
+from her2_core.facts import INTENDED_USE
 
 SR_SERIES_NUMBER = 9001
 SR_SERIES_DESCRIPTION = "HER2 IHC AI score - research use, not for clinical use"
-INTENDED_USE_COMMENT = (
-    "Automated HER2 IHC scoring (ASCO/CAP categories). Research use only - not for clinical use; "
-    "not verified by a pathologist."
-)
+INTENDED_USE_COMMENT = f"Automated HER2 IHC scoring (ASCO/CAP categories). {INTENDED_USE}; not verified by a pathologist."
 
 #: Grader basis -> (group title, per-class percentage concepts).
 GRADER_BASES: dict[str, tuple[str, dict[str, CodedConcept]]] = {

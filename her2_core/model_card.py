@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from her2_core.aggregate import CLASSES
+from her2_core.facts import MAGNIFICATION_MPP
 from her2_core.preprocessing.stain import StainReference
 
-#: Objective magnification -> microns per pixel (the usual scanner convention).
-MAGNIFICATION_MPP: dict[int, float] = {40: 0.25, 20: 0.5, 10: 1.0, 5: 2.0}
 PREPROCESSING_METHOD = "macenko-absolute-dab"
 
 

@@ -35,6 +35,7 @@ from dicom_io.annotations import (
 from dicom_io.errors import AnnotationError
 from dicom_io.wsi import Slide, open_slide
 from her2_core.aggregate import CLASSES, asco_cap_call
+from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import REFERENCE, StainReference
 from model_training.regions import class_areas
 from model_training.slide_tiles import read_slide_tiles
@@ -55,7 +56,7 @@ def slide_regions(item: AnnotatedSlide, slide: Slide) -> Polygons:
 
 
 def annotated_slide_tileset(item: AnnotatedSlide, centre: str, tile_size: int = 512, mpp: float = 1.0,
-                            reference: StainReference = REFERENCE, white_fraction_max: float = 0.6,
+                            reference: StainReference = REFERENCE, white_fraction_max: float = WHITE_FRACTION_MAX,
                             normalise: bool = True, threads: int = 1) -> TileSet:
     """The kept tiles of one annotated slide at ``mpp`` um/px with targets from its HER2 outlines."""
     with open_slide(list(item.slide_files)) as slide:

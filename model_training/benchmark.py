@@ -20,13 +20,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from her2_core.aggregate import CLASSES
+from her2_core.facts import MAGNIFICATION_MPP
 from model_training import ARCHITECTURES
 from model_training.models import MIN_INPUT_SIZE
 from model_training.recipes import SyntheticCohort, run_training
 from model_training.train import TrainConfig
 
 STUDIES = ("architectures", "unfreezing", "stain", "magnification")
-MPP = {10: 1.0, 40: 0.25}
+MPP = {m: MAGNIFICATION_MPP[m] for m in (10, 40)}
 MAG = {mpp: mag for mag, mpp in MPP.items()}
 
 

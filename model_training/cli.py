@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from her2_core.facts import MAGNIFICATION_MPP
 from model_training import ARCHITECTURES
 from worker.cli import TRAINING_COMMANDS
 
 DATA_SOURCES = ("synthetic", "folder", "bci", "her2-ihc-40x", "dicom-annotated")
-MAGNIFICATIONS = {10: 1.0, 40: 0.25}
+#: The magnifications training offers, with their pixel spacing.
+MAGNIFICATIONS = {m: MAGNIFICATION_MPP[m] for m in (10, 40)}
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:

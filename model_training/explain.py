@@ -27,6 +27,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import StainNormaliser, fit_stains, white_fraction
 from model_training.models import TileClassifier
 from model_training.synthetic import SlideSpec, render_region
@@ -154,7 +155,7 @@ def cross_magnification_consistency(model_low: TileClassifier, model_high: TileC
     positions = [(r, c) for r in range(int(spec.height_um // tile_um)) for c in range(int(spec.width_um // tile_um))]
     rendered = ((pos, render_region(spec, pos[1] * tile_um, pos[0] * tile_um, tile_size, tile_size, mpp_low).rgb)
                 for pos in positions)
-    tissue = {pos: tile for pos, tile in rendered if white_fraction(tile[None])[0] <= 0.6}
+    tissue = {pos: tile for pos, tile in rendered if white_fraction(tile[None])[0] <= WHITE_FRACTION_MAX}
     if not tissue:
         return np.zeros(0)
     kept = list(tissue.values())

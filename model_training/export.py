@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from her2_core.aggregate import CLASSES
-from her2_core.model_card import MAGNIFICATION_MPP, RealCoreFigure, card_path, load_model_card
+from her2_core.facts import INTENDED_USE, MAGNIFICATION_MPP
+from her2_core.model_card import RealCoreFigure, card_path, load_model_card
 from her2_core.preprocessing import REFERENCE
 from model_training.models import TileClassifier
 
 INPUT_NAME = "tiles"
 OUTPUTS = ("probabilities", "tumour_fraction")
-INTENDED_USE = "Research use only. Not for clinical use."
 OPSET = 18
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from her2_core.aggregate import CLASSES
+from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import fit_stains, white_fraction
 from model_training.splits import split_datasets
 from model_training.tileset import SlideInfo, TileSet
@@ -109,7 +110,7 @@ def _cut(rgb: np.ndarray, tile_size: int) -> list[np.ndarray]:
 
 
 def images_tileset(images: list[LabelledImage], centre: str, tile_size: int, data_mpp: float, mpp: float,
-                   white_fraction_max: float = 0.6) -> TileSet:
+                   white_fraction_max: float = WHITE_FRACTION_MAX) -> TileSet:
     """Tiles of labelled images at ``mpp`` um/px, one slide per patient, normalised per slide."""
     by_patient: dict[str, list[LabelledImage]] = defaultdict(list)
     for im in images:

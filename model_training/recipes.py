@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from her2_core.model_card import MAGNIFICATION_MPP
+from her2_core.facts import MAGNIFICATION_MPP, WHITE_FRACTION_MAX
 from model_training.annotated import annotated_datasets
 from model_training.evaluate import evaluate
 from model_training.export import export_onnx, model_card, onnx_parity, write_card
@@ -34,7 +34,6 @@ from model_training.train import (
 
 DEFAULT_MODEL_NAME = "her2-tiny-cnn"
 DEFAULT_MODEL_VERSION = "1.0.0"
-WHITE_FRACTION_MAX = 0.6
 TILE_SIZE = 512
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_io.wsi import Slide, open_slide
+from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import REFERENCE, StainNormaliser, StainReference
 from model_training.synthetic import SlideSpec, truth_grid
 from model_training.synthetic_dicom import TRUTH_FILE
@@ -57,7 +58,7 @@ class Unnormalised:
 
 
 def read_slide_tiles(slide: Slide, tile_size: int, mpp: float, reference: StainReference = REFERENCE,
-                     white_fraction_max: float = 0.6, batch_size: int = 16, threads: int = 2,
+                     white_fraction_max: float = WHITE_FRACTION_MAX, batch_size: int = 16, threads: int = 2,
                      normalise: bool = True) -> tuple[np.ndarray, list[Position], PreparedSlide]:
     """Kept, normalised tissue tiles of an opened slide at ``mpp`` um/px, through the worker's own tile path.
 
@@ -76,7 +77,7 @@ def read_slide_tiles(slide: Slide, tile_size: int, mpp: float, reference: StainR
 
 
 def synthetic_slide_tiles(series_dir: Path, tile_size: int = 512, mpp: float = 1.0,
-                          reference: StainReference = REFERENCE, white_fraction_max: float = 0.6,
+                          reference: StainReference = REFERENCE, white_fraction_max: float = WHITE_FRACTION_MAX,
                           batch_size: int = 16, threads: int = 2, normalise: bool = True) -> SlideTiles:
     """All kept tissue tiles of a synthetic DICOM slide at ``mpp`` um/px, with ground truth.
 

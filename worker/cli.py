@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from dicom_io.errors import AnnotationError, SlideError
 from her2_core.aggregate import CLASSES
+from her2_core.facts import INTENDED_USE, MAGNIFICATION_MPP
 from her2_core.model_card import ModelCardError
 from worker import service_cli
 from worker.preflight import PreflightError
@@ -33,7 +34,7 @@ TRAINING_COMMANDS = {
     "benchmark": "train + evaluate variants on the synthetic cohort; Markdown table",
 }
 
-EPILOG = "Research use only - not for clinical use. Configuration: --config FILE (JSON/TOML) or HER2_<KEY> env vars; see `her2 config`."
+EPILOG = f"{INTENDED_USE}. Configuration: --config FILE (JSON/TOML) or HER2_<KEY> env vars; see `her2 config`."
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -69,7 +70,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     mix = args.mix or {args.grade: 1.0}
     spec = SlideSpec(seed=args.seed, width_um=args.size[0], height_um=args.size[1], class_mix=mix,
                      tumour_fraction=args.tumour_fraction, centre=args.centre, patient_id=args.patient_id)
-    mpp = {10: 1.0, 40: 0.25}[args.magnification]
+    mpp = MAGNIFICATION_MPP[args.magnification]
     rows = -(-int(spec.height_um / mpp) // 512)
     cols = -(-int(spec.width_um / mpp) // 512)
     with tqdm(total=rows * cols, unit="tile", desc="rendering", disable=args.quiet) as bar:

@@ -39,6 +39,7 @@ from her2_core.aggregate import (
     category_distance,
     class_percentages,
 )
+from her2_core.facts import INTENDED_USE
 from worker.cell_grading import MEMBRANE_GRADER, CellGrading, grade_membranes, membrane_grader_version
 from worker.inference import TileModel
 from worker.overlay import write_cell_field, write_overlay
@@ -48,7 +49,7 @@ from worker.tiles import PreparedSlide, prepare_slide, sharpness_sample, survey_
 
 log = logging.getLogger(__name__)
 
-NOT_FOR_CLINICAL_USE = "Research use only - not for clinical use (not validated on real slides)."
+NOT_FOR_CLINICAL_USE = f"{INTENDED_USE} (not validated on real slides)."
 #: File name of each result object in an output folder, by Modality.
 RESULT_FILES = {"SR": "her2_sr.dcm", "SEG": "her2_heatmap_seg.dcm", "ANN": "her2_cells_ann.dcm"}
 #: More undecodable tiles than this share of the tissue tiles fails the slide instead of flagging it.

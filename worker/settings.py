@@ -21,6 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from her2_core.facts import WHITE_FRACTION_MAX
+
 if TYPE_CHECKING:
     from dicom_io.dicomweb import DicomWebServer
     from dicom_io.listener import ListenerConfig
@@ -50,7 +52,8 @@ class Settings(BaseSettings):
     decode_threads: int = Field(2, ge=1, description="Threads decoding JPEG tiles ahead of inference.")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = library default).")
     white_fraction_max: float = Field(
-        0.6, gt=0, lt=1, description="Tiles with more than this fraction of white background are dropped."
+        WHITE_FRACTION_MAX, gt=0, lt=1, description="Tiles with more than this fraction of white background are dropped "
+        "(must be the model card's value: training dropped the same tiles)."
     )
     evidence_floor_percent: float = Field(
         2.0,

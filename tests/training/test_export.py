@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from her2_core.facts import INTENDED_USE
 from her2_core.model_card import ModelCardError, load_model_card
 from model_training.export import export_onnx
 from model_training.models import TileClassifier
@@ -42,7 +43,7 @@ def test_card_that_does_not_match_the_worker_is_refused(trained, tiny_data, tmp_
     path = tmp_path / "m.onnx"
     deploy(trained, {}, path, tiny_data["test"].tiles[:2], 1.0, {}, "test-model", "0.0.1")
     card = json.loads(path.with_suffix(".json").read_text())
-    assert card["intended_use"] == "Research use only. Not for clinical use."
+    assert card["intended_use"] == INTENDED_USE
     load_model_card(path, white_fraction_max=0.6)
     with pytest.raises(ModelCardError, match="white_fraction_max"):
         load_model_card(path, white_fraction_max=0.5)
