@@ -273,7 +273,7 @@ def _torch_tile_model(model_path: Path, card):
         from model_training.models import TileClassifier
     except Exception as exc:  # torch not installed, or no torch definition yet
         return None, f"torch model unavailable ({type(exc).__name__}: {exc})"
-    training = card.raw.get("training", {}) if isinstance(card.raw.get("training"), dict) else {}
+    training = card.training if isinstance(card.training, dict) else {}
     arch = str(training.get("arch") or training.get("architecture") or "tiny")
     try:
         net = TileClassifier(arch, n_classes=len(card.classes),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 
 from her2_core.aggregate import CLASSES
 from her2_core.facts import INTENDED_USE, MAGNIFICATION_MPP
-from her2_core.model_card import RealCoreFigure, card_path, load_model_card
+from her2_core.model_card import ModelCard, RealCoreFigure, card_path, load_model_card
 from her2_core.preprocessing import REFERENCE
 from model_training.models import TileClassifier
 
@@ -70,22 +71,15 @@ def onnx_parity(model: TileClassifier, path: Path, tiles: np.ndarray) -> float:
 
 def model_card(name: str, version: str, tile_size: int, mpp: float, white_fraction_max: float,
                training: dict, metrics: dict) -> dict:
-    """The card dict (schema of :mod:`her2_core.model_card`)."""
+    """The card of an exported model, as the dict written beside it (:class:`her2_core.model_card.ModelCard`)."""
     magnification = {v: k for k, v in MAGNIFICATION_MPP.items()}.get(mpp)
     if magnification is None:
         raise ValueError(f"{mpp} um/px is not one of the worker's magnifications {MAGNIFICATION_MPP}")
-    return {
-        "name": name,
-        "version": version,
-        "classes": list(CLASSES),
-        "input": {"tile_size": tile_size, "magnification": magnification, "mpp": mpp, "layout": "NCHW",
-                  "scale": 255.0, "name": INPUT_NAME},
-        "outputs": {"probabilities": OUTPUTS[0], "tumour_fraction": OUTPUTS[1]},
-        "preprocessing": {"white_fraction_max": white_fraction_max, "stain": REFERENCE.to_dict()},
-        "training": training,
-        "metrics": metrics,
-        "intended_use": INTENDED_USE,
-    }
+    return ModelCard(name=name, version=version, classes=CLASSES, tile_size=tile_size, magnification=magnification,
+                     mpp=mpp, white_fraction_max=white_fraction_max, stain=REFERENCE,
+                     probabilities_output=OUTPUTS[0], tumour_fraction_output=OUTPUTS[1], input_name=INPUT_NAME,
+                     input_scale=255.0, layout="NCHW", training=training, metrics=metrics,
+                     intended_use=INTENDED_USE).to_dict()
 
 
 def write_card(card: dict, model_path: Path) -> Path:
@@ -99,8 +93,8 @@ def add_real_tissue(model_path: Path, figures: list[RealCoreFigure], data: str) 
     """Put ``figures`` (results on real cores, scoring only) into the card of ``model_path`` as its
     ``real_tissue`` block, replacing any earlier one; the card is read back and validated. Returns the card."""
     path = card_path(model_path)
-    card = json.loads(path.read_text())
-    card["real_tissue"] = {"data": data, "cores": [f.to_dict() for f in figures]}
+    card = replace(ModelCard.from_dict(json.loads(path.read_text())), real_tissue=tuple(figures),
+                   real_tissue_data=data).to_dict()
     write_card(card, model_path)
     if load_model_card(model_path).real_tissue != tuple(figures):
         raise RuntimeError(f"{path}: real-tissue figures did not read back")
