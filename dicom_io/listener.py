@@ -42,6 +42,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
+from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.spool import SpoolConflictError, SpoolPathError, spool_instance
@@ -50,11 +51,12 @@ from dicom_io.transfer_syntax import TRANSFER_SYNTAXES
 
 log = logging.getLogger(__name__)
 
-# C-STORE response statuses (PS3.4 B.2.3, PS3.7 Annex C).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
+# C-STORE response statuses (PS3.4 B.2.3, PS3.7 Annex C): Success from pynetdicom.status; the three
+# failures we answer are the first codes of their ranges in pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS.
+SUCCESS = int(Status.SUCCESS)
+OUT_OF_RESOURCES = 0xA700  # "Refused: Out of Resources" (0xA7xx)
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # "Data Set Does Not Match SOP Class" (0xA9xx)
+CANNOT_UNDERSTAND = 0xC000  # "Cannot Understand" (0xCxxx)
 
 #: ``on_spooled(study_uid, series_uid, series_folder, association)``, called after each instance is safely on disk.
 SpooledCallback = Callable[[str, str, Path, Hashable], None]

@@ -32,6 +32,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.status import STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, Status
 
 from dicom_io.dicomweb import LATER, STORED, DicomWebServer, StowSession
 from dicom_io.spool import checked_uid, encode, write_atomic
@@ -41,8 +42,10 @@ log = logging.getLogger(__name__)
 
 REJECTED = ".rejected"
 LOCK = ".lock"
-#: C-STORE statuses after which the instance is stored (PS3.4 B.2.3): Success and the Warnings.
-DELIVERED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+#: C-STORE statuses after which the instance is stored (PS3.4 B.2.3): Success and the Storage Service Class's
+#: Warnings (0xB000, 0xB006, 0xB007), as pynetdicom.status classifies them.
+DELIVERED_STATUSES = frozenset({int(Status.SUCCESS)} | {
+    code for code, (category, _) in STORAGE_SERVICE_CLASS_STATUS.items() if category == STATUS_WARNING and code >= 0xB000})
 #: What sending one file came to, besides a rejection reason: stored, or keep it and try again later.
 DELIVERED, KEPT = "delivered", "kept"
 
