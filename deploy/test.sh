@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 started=$SECONDS
 bash deploy/install.sh --dev --train --services
 .venv/bin/ruff check .           # lint (rules in pyproject.toml)
-.venv/bin/python -m mypy         # types (pyproject.toml)
+.venv/bin/python -m mypy         # types of her2_core and dicom_io (pyproject.toml)
 if (( $# )); then
   exec .venv/bin/python -m pytest -q "$@"
 fi
