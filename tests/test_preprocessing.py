@@ -1,5 +1,7 @@
 """Shared preprocessing: tissue mask, tile filter, Macenko with DAB on an absolute scale."""
 
+from dataclasses import FrozenInstanceError, replace
+
 import numpy as np
 import pytest
 from skimage.data import immunohistochemistry
@@ -109,7 +111,7 @@ def test_colour_table_normaliser_equals_the_matrix_form():
     rng = np.random.default_rng(3)
     img = immunohistochemistry()
     norm = StainNormaliser.fit(img.reshape(-1, 3))
-    norm.h_scale = 1.3  # a slide whose counterstain is rescaled
+    norm = replace(norm, h_scale=1.3)  # a slide whose counterstain is rescaled
     colours = np.concatenate([img.reshape(-1, 3), rng.integers(0, 256, (200_000, 3), dtype=np.uint8)])
     fast, matrix = norm(colours).astype(int), norm(colours.astype(np.float32)).astype(int)
     assert np.abs(fast - matrix).max() <= 1
@@ -124,7 +126,7 @@ def test_colour_table_normaliser_equals_the_matrix_form():
 
 def test_colour_codes_and_both_uint8_paths_agree_on_every_colour():
     """The colour table holds, byte for byte, what the direct path computes, for all 2**24 colours."""
-    from her2_core.preprocessing.stain import LUT_AFTER_PX, colour_codes
+    from her2_core.preprocessing.stain_table import LUT_AFTER_PX, colour_codes
 
     codes = np.arange(1 << 24, dtype=np.int64)
     rgb = np.stack([codes & 255, codes >> 8 & 255, codes >> 16], axis=-1).astype(np.uint8)
@@ -132,28 +134,53 @@ def test_colour_codes_and_both_uint8_paths_agree_on_every_colour():
     for n in (0, 1, 2, 3):  # the last two pixels' codes are read apart from the strided view
         assert np.array_equal(colour_codes(rgb[-n:] if n else rgb[:0]), codes[-n:] if n else codes[:0])
     norm = StainNormaliser.fit(immunohistochemistry().reshape(-1, 3))
-    norm.h_scale = 0.8
-    direct = norm._normalise_direct(rgb)
+    norm = replace(norm, h_scale=0.8)
+    direct = norm.table.direct(rgb)
     assert rgb.shape[0] > LUT_AFTER_PX and np.array_equal(norm(rgb), direct)  # a call this large uses the table
 
 
 def test_normaliser_switches_to_its_colour_table_after_enough_pixels():
-    from her2_core.preprocessing.stain import LUT_AFTER_PX
+    from her2_core.preprocessing.stain_table import LUT_AFTER_PX
 
     img = immunohistochemistry()
     norm = StainNormaliser.fit(img.reshape(-1, 3))
     calls = LUT_AFTER_PX // img[:, :, 0].size + 2
     outputs = [norm(img) for _ in range(calls)]
-    assert "_lut" in norm.__dict__  # built on the call that passed LUT_AFTER_PX pixels
+    assert norm.table.built  # built on the call that passed LUT_AFTER_PX pixels
     assert all(np.array_equal(o, outputs[0]) for o in outputs)
     few = StainNormaliser.fit(img.reshape(-1, 3))
-    assert np.array_equal(few(img), outputs[0]) and "_lut" not in few.__dict__  # one image: no table
-    few.h_scale *= 1.1  # an edited fit gets a new table
+    assert np.array_equal(few(img), outputs[0]) and not few.table.built  # one image: no table
+    few = replace(few, h_scale=few.h_scale * 1.1)  # another fit, another table
     assert not np.array_equal(few.lookup_table(), norm.lookup_table())
     told = StainNormaliser.fit(img.reshape(-1, 3))
-    assert not told.expect(LUT_AFTER_PX) and "_lut" not in told.__dict__
-    assert told.expect(LUT_AFTER_PX + 1) and "_lut" in told.__dict__  # told in advance: built before any call
+    assert not told.expect(LUT_AFTER_PX) and not told.table.built
+    assert told.expect(LUT_AFTER_PX + 1) and told.table.built  # told in advance: built before any call
     assert np.array_equal(told(img), outputs[0])
+
+
+def test_fit_is_frozen_and_its_table_counts_every_thread_and_pickles():
+    """The fit cannot change under its table; pool threads normalising one slide lose no pixel count (the table
+    is built on the call that passes LUT_AFTER_PX, whichever thread makes it); a pickled normaliser normalises
+    the same and builds its own table."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from her2_core.preprocessing.stain_table import LUT_AFTER_PX
+
+    img = immunohistochemistry()[:256, :256]
+    norm = StainNormaliser.fit(img.reshape(-1, 3))
+    with pytest.raises(FrozenInstanceError):
+        norm.h_scale = 2.0  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        norm.source_matrix[0, 0] = 1.0
+    want = StainNormaliser.fit(img.reshape(-1, 3))(img)
+    calls = LUT_AFTER_PX // img[:, :, 0].size  # exactly LUT_AFTER_PX pixels: still all direct
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda _: norm(img), range(calls)))
+    assert all(np.array_equal(o, want) for o in outputs) and not norm.table.built
+    assert np.array_equal(norm(img), want) and norm.table.built  # the next pixel passes the threshold
+    copy = pickle.loads(pickle.dumps(norm))
+    assert not copy.table.built and np.array_equal(copy(img), want)
 
 
 def test_od_sum_and_stained_test_equal_their_reductions():

@@ -26,30 +26,15 @@ All operations are vectorised over a batch of tiles and are NaN-free on empty
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Light intensity of the illuminant for the Beer-Lambert conversion.
-I0 = 255.0
+from her2_core.preprocessing.stain_table import I0, NormalisationTable
+from her2_core.preprocessing.stain_table import OD_TABLE as _OD_TABLE
+
 #: Pixels with OD below this in any channel are treated as background when fitting.
 OD_FIT_MIN = 0.15
-
-
-#: Optical density of each of the 256 uint8 intensities: a lookup replaces a log per pixel (bit-identical).
-_OD_TABLE = -np.log((np.arange(256, dtype=np.float32) + 1.0) / (I0 + 1.0))
-#: Pixels normalised per step of the direct path: temporaries stay in the CPU cache, memory flat.
-_CHUNK_PX = 1 << 16
-#: A normaliser builds its colour table once it has normalised this many pixels directly (16 tiles of
-#: 512 px): the table costs about 30 tiles' direct work, so slides with few tiles never pay for it.
-LUT_AFTER_PX = 16 * 512 * 512
-#: Guards the lazy build of a normaliser's colour table (pool threads normalise tiles of one slide).
-_LUT_LOCK = threading.Lock()
-#: At most this many threads build a colour table (about 0.25 s of CPU).
-_LUT_BUILD_THREADS = 4
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -181,14 +166,28 @@ def fit_stains(tiles: np.ndarray, reference: StainReference = REFERENCE) -> Stai
     return StainNormaliser.fit(np.asarray(tiles)[:, ::2, ::2], reference)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class StainNormaliser:
-    """Per-slide Macenko normaliser; call it on batches of uint8 RGB tiles."""
+    """A slide's fitted stains (estimated by :meth:`fit` / :func:`fit_stains`); call it on batches of uint8 RGB
+    tiles to normalise them.
+
+    The fit is frozen (``source_matrix`` read-only): another fit is another normaliser
+    (``dataclasses.replace``). Its fast application, with its declared cache (the colour table), is
+    :attr:`table`, built from the fit.
+    """
 
     source_matrix: np.ndarray
     h_scale: float
     reference: StainReference = REFERENCE
     notes: list[str] = field(default_factory=list)
+    #: The fast application of this fit and its cache (not part of the fit: no repr).
+    table: NormalisationTable = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        matrix = np.array(self.source_matrix)  # a private, read-only copy: the table must match the fit
+        matrix.flags.writeable = False
+        object.__setattr__(self, "source_matrix", matrix)
+        object.__setattr__(self, "table", NormalisationTable(matrix, self.h_scale, self.reference.matrix()))
 
     @classmethod
     def fit(cls, pixels: np.ndarray, reference: StainReference = REFERENCE) -> StainNormaliser:
@@ -221,131 +220,26 @@ class StainNormaliser:
         conc[:, 0] *= self.h_scale
         return conc.reshape(*shape, 2)
 
+
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """Normalised uint8 RGB tiles, same shape as ``tiles``.
 
-        The arithmetic of :meth:`concentrations` followed by re-expression on
-        the reference stains, in float32 without a per-pixel log: each
-        channel's contribution to each concentration is a 256-entry table
-        (optical density times the column of the pseudo-inverse), so a pixel's
-        H and DAB concentrations are three lookups and two additions. As a
-        uint8 pixel's output depends only on its colour, once a normaliser has
-        normalised :data:`LUT_AFTER_PX` pixels it computes all 2**24 colours
-        at once (:meth:`lookup_table`, 48 MiB) and from then on a call is one
-        lookup per pixel; both give the same bytes. Other dtypes go through
-        the matrix form of :meth:`concentrations` (equal to 1 grey level:
-        float32 rounding, on a few pixels in ten million).
+        uint8 tiles go through :attr:`table` (three lookups per pixel, then one once the colour table is
+        built: :class:`~her2_core.preprocessing.stain_table.NormalisationTable`); other dtypes through the
+        matrix form of :meth:`concentrations` (equal to 1 grey level: float32 rounding, on a few pixels in ten
+        million).
         """
         tiles = np.asarray(tiles)
         if tiles.dtype != np.uint8:
             conc = self.concentrations(tiles)
             rgb = (I0 + 1.0) * np.exp(-(conc @ self.reference.matrix())) - 1.0
             return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        pixels = tiles.size // 3
-        done = self.__dict__.get("_direct_px", 0)
-        if "_lut" in self.__dict__ or self.expect(done + pixels):
-            return self.lookup_table().take(colour_codes(tiles), mode="clip").view(np.uint8).reshape(tiles.shape)
-        self.__dict__["_direct_px"] = done + pixels  # pool threads may race here: a lost count only delays the table
-        return self._normalise_direct(np.ascontiguousarray(tiles).reshape(-1, 3)).reshape(tiles.shape)
+        return self.table(tiles)
 
     def expect(self, pixels: int) -> bool:
-        """Build the colour table now if this normaliser will normalise more than :data:`LUT_AFTER_PX` pixels.
-
-        It would build it after that many anyway; building it up front spares
-        the first tiles the direct path (4x slower). True if the table is built.
-        """
-        if pixels <= LUT_AFTER_PX:
-            return False
-        self.lookup_table()
-        return True
-
-    def _normalise_direct(self, flat: np.ndarray) -> np.ndarray:
-        tables, out_coef = self._tables()
-        out = np.empty_like(flat)
-        n = min(len(flat), _CHUNK_PX)
-        hh, dd, tt, oo = (np.empty(n, np.float32) for _ in range(4))
-        for start in range(0, len(flat), _CHUNK_PX):
-            px = flat[start : start + _CHUNK_PX]
-            m = len(px)
-            for conc, table in ((hh[:m], tables[0]), (dd[:m], tables[1])):
-                np.take(table[0], px[:, 0], out=conc)
-                np.take(table[1], px[:, 1], out=tt[:m])
-                conc += tt[:m]
-                np.take(table[2], px[:, 2], out=tt[:m])
-                conc += tt[:m]
-            _reexpress(hh[:m], dd[:m], np.float32(self.h_scale), out_coef, out[start : start + m], tt[:m], oo[:m])
-        return out
+        """Tell the normaliser it will normalise ``pixels`` pixels (:meth:`NormalisationTable.expect`)."""
+        return self.table.expect(pixels)
 
     def lookup_table(self) -> np.ndarray:
-        """The normalised colour of each of the 2**24 uint8 colours, indexed by :func:`colour_codes` (3-byte items).
-
-        Built once per normaliser (thread-safe) with the arithmetic of the
-        direct path, a plane of 65 536 colours (one blue value) at a time, on
-        up to :data:`_LUT_BUILD_THREADS` threads (about 0.25 s of CPU).
-        """
-        key = (self.source_matrix.tobytes(), self.h_scale, self.reference)  # the table follows edits of the fit
-        with _LUT_LOCK:
-            cached = self.__dict__.get("_lut")
-            if cached is None or cached[0] != key:
-                cached = self.__dict__["_lut"] = (key, self._build_lookup_table())
-            return cached[1]
-
-    def _build_lookup_table(self) -> np.ndarray:
-        tables, out_coef = self._tables()
-        red_green = [(t[0][None, :] + t[1][:, None]).reshape(-1) for t in tables]  # T[r] + T[g], green-major
-        lut = np.empty((256, 256 * 256, 3), np.uint8)  # (blue, green * 256 + red, channel)
-
-        def planes(blues: range) -> None:
-            hh, dd, tt, oo = (np.empty(256 * 256, np.float32) for _ in range(4))
-            for blue in blues:
-                for conc, j in ((hh, 0), (dd, 1)):
-                    np.add(red_green[j], tables[j][2][blue], out=conc)
-                _reexpress(hh, dd, np.float32(self.h_scale), out_coef, lut[blue], tt, oo)
-
-        workers = max(1, min(_LUT_BUILD_THREADS, os.cpu_count() or 1))  # numpy releases the GIL: planes in parallel
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(planes, [range(i, 256, workers) for i in range(workers)]))
-        return lut.reshape(-1).view("V3")
-
-    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel concentration tables (stain, channel, 256) and the negated reference matrix (2, 3)."""
-        pinv = np.linalg.pinv(self.source_matrix).astype(np.float32)  # (3, 2)
-        tables = np.stack([[_OD_TABLE * pinv[c, j] for c in range(3)] for j in range(2)]).astype(np.float32)
-        return tables, (-self.reference.matrix()).astype(np.float32)
-
-
-def _reexpress(hh: np.ndarray, dd: np.ndarray, h_scale: np.float32, out_coef: np.ndarray, out: np.ndarray,
-               tt: np.ndarray, oo: np.ndarray) -> None:
-    """Unclipped H and DAB concentrations (float32, in place) -> uint8 RGB ``out`` (N, 3) on the reference stains."""
-    np.maximum(hh, 0.0, out=hh)
-    np.maximum(dd, 0.0, out=dd)
-    hh *= h_scale
-    for k in range(3):
-        np.multiply(hh, out_coef[0, k], out=oo)
-        np.multiply(dd, out_coef[1, k], out=tt)
-        oo += tt
-        np.exp(oo, out=oo)
-        oo *= np.float32(I0 + 1.0)
-        oo -= np.float32(1.0)
-        np.rint(oo, out=oo)
-        np.clip(oo, 0.0, 255.0, out=oo)
-        out[:, k] = oo
-
-
-def colour_codes(tiles: np.ndarray) -> np.ndarray:
-    """Each pixel's 24-bit colour code ``r + 256 g + 65536 b`` (int64, flat) of uint8 RGB (..., 3).
-
-    Read without arithmetic per channel: an 8-byte little-endian view at a
-    3-byte stride starts at each pixel's red byte, masked to 24 bits (the
-    last two pixels, whose view would run past the buffer, are read apart).
-    """
-    flat = np.ascontiguousarray(tiles, dtype=np.uint8).reshape(-1)
-    n = flat.size // 3
-    codes = np.empty(n, np.int64)
-    head = max(0, n - 2)
-    if head:
-        view = np.ndarray((head,), dtype="<i8", buffer=flat, strides=(3,))
-        np.bitwise_and(view, 0xFFFFFF, out=codes[:head])
-    tail = flat[3 * head :].reshape(-1, 3).astype(np.int64)
-    codes[head:] = tail[:, 0] | tail[:, 1] << 8 | tail[:, 2] << 16
-    return codes
+        """The normalised colour of each of the 2**24 uint8 colours (:meth:`NormalisationTable.lookup_table`)."""
+        return self.table.lookup_table()
