@@ -118,3 +118,14 @@ def test_training_commands_are_listed_without_training_code_and_parsed_by_it(cap
         main(["config", "--no-such-option"])
     assert "her2: error: unrecognized arguments: --no-such-option" in capsys.readouterr().err
     assert training_cli.TRAINING_COMMANDS is TRAINING_COMMANDS
+
+
+def test_every_installed_package_is_packaged_and_copied_into_the_image():
+    """A new layer must reach the wheel (pyproject include) and the container image (deploy/Dockerfile)."""
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    installed = {pattern.rstrip("*") for pattern in include}
+    assert installed == set(LAYERS) - {"benchmarks"}
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert all(f"COPY {package} ./{package}\n" in dockerfile for package in installed)
