@@ -10,8 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import TRUTH_FILE, write_synthetic_slide
+from her2_synthetic.dicom import TRUTH_FILE, write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 
 #: Default cache (``/out/`` is git-ignored).
 DEFAULT_CACHE = Path("out") / "bench-slides"

@@ -37,7 +37,7 @@ from dicom_io.wsi import Slide, open_slide
 from her2_core.aggregate import CLASSES, asco_cap_call
 from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import REFERENCE, StainReference
-from model_training.regions import class_areas
+from her2_synthetic.regions import class_areas
 from model_training.slide_tiles import read_slide_tiles
 from model_training.splits import split_datasets
 from model_training.tileset import CALL_CLASS, SlideInfo, TileSet

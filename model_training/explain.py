@@ -29,8 +29,8 @@ from torch import nn
 
 from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import StainNormaliser, fit_stains, white_fraction
+from her2_synthetic.render import SlideSpec, render_region
 from model_training.models import TileClassifier
-from model_training.synthetic import SlideSpec, render_region
 from model_training.train import to_tensor
 from worker.tiles import stain_fit_indices
 

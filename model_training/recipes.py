@@ -66,7 +66,7 @@ class SyntheticCohort:
         return {"train": a.of_patients(split["train"]), "val": a.of_patients(split["val"]), "test": b}
 
     def describe(self, mpp: float) -> str:
-        return (f"synthetic HER2 IHC cohort (model_training.synthetic, seed {self.seed}): centre A "
+        return (f"synthetic HER2 IHC cohort (her2_synthetic.render, seed {self.seed}): centre A "
                 f"{self.train_patients} patients split {1 - self.val_share:.0%}/{self.val_share:.0%} train/val by "
                 f"patient (stratified by slide call), centre B {self.test_patients} patients as independent test "
                 f"centre; {self.slide_um:.0f} um square slides written as DICOM at {mpp} um/px and tiled by the "

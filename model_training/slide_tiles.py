@@ -1,7 +1,7 @@
 """Training tiles from DICOM slides, through the inference path (:mod:`worker.tiles`).
 
 Synthetic slides are first written as DICOM (``her2 synth`` /
-:func:`model_training.synthetic_dicom.write_synthetic_slide`) and then read
+:func:`her2_synthetic.dicom.write_synthetic_slide`) and then read
 back exactly as the worker reads a slide from the PACS: same pyramid level,
 same thumbnail, same tissue mask, same stain fit, same white filter, same
 normalisation, same JPEG artefacts. Only the labels come from the generator.
@@ -18,8 +18,8 @@ import numpy as np
 from dicom_io.wsi import Slide, open_slide
 from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import REFERENCE, StainNormaliser, StainReference
-from model_training.synthetic import SlideSpec, truth_grid
-from model_training.synthetic_dicom import TRUTH_FILE
+from her2_synthetic.dicom import TRUTH_FILE
+from her2_synthetic.render import SlideSpec, truth_grid
 from worker.tiles import (
     Position,
     PreparedSlide,

@@ -31,9 +31,9 @@ import numpy as np
 from tqdm import tqdm
 
 from her2_core.aggregate import CLASSES
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import Rendered, SlideSpec, random_spec, render_region, slide_truth
 from model_training.slide_tiles import synthetic_slide_tiles
-from model_training.synthetic import Rendered, SlideSpec, random_spec, render_region, slide_truth
-from model_training.synthetic_dicom import write_synthetic_slide
 from model_training.tileset import CALL_CLASS, SlideInfo, TileSet
 
 #: Bump when the way slides become tiles changes, so stale caches are not reused.
@@ -63,7 +63,7 @@ def synthetic_cohort(n_patients: int, centre: str, seed: int, size_um: tuple[flo
     Patients cycle through the target calls 0, 1+, 2+, 3+. A ``mixed_share``
     of them get a heterogeneous slide (:func:`mixed_spec`: all classes up to
     the target in random proportions), the others a slide from
-    :func:`model_training.synthetic.random_spec` (one dominant class, maybe one
+    :func:`her2_synthetic.render.random_spec` (one dominant class, maybe one
     minority); either is redrawn until its ground-truth call is the target.
     A ``second_slide_share`` of patients get a second slide (another block of
     the same tumour: same class mix, new seed), so patient-level splitting

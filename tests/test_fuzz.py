@@ -60,8 +60,8 @@ from dicom_io.listener import (
     StorageHandlers,
 )
 from dicom_io.wsi import open_slide
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 
 DATA = Path(__file__).parent / "data"
 QUICK_CASES = 1500

@@ -16,8 +16,8 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 
 from her2_core.aggregate import SlideCall
-from model_training.synthetic import random_spec, slide_truth
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import random_spec, slide_truth
 from worker.pipeline import score_slide
 from worker.settings import load_settings
 

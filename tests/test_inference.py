@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from her2_core.preprocessing import REFERENCE, StainNormaliser
-from model_training.synthetic import SlideSpec, render_region
+from her2_synthetic.render import SlideSpec, render_region
 from worker.inference import TileModel
 from worker.settings import load_settings
 

@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from her2_core.aggregate import CLASSES, SlideCall, asco_cap_call
 from her2_core.preprocessing.stain import REFERENCE, fit_stains, stain_concentrations
 from her2_core.preprocessing.tissue import glass_colour, tissue_mask
-from model_training.synthetic import SlideSpec, region_cells, render_region
+from her2_synthetic.render import SlideSpec, region_cells, render_region
 from worker.membrane import CellTable, MembraneSummary, grade_cells, summarise_cells
 
 REAL = Path(__file__).parent / "data" / "real_her2"

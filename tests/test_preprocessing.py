@@ -17,7 +17,7 @@ from her2_core.preprocessing import (
     tissue_mask,
     white_fraction,
 )
-from model_training.synthetic import SlideSpec, render_region, render_thumbnail
+from her2_synthetic.render import SlideSpec, render_region, render_thumbnail
 
 
 def test_macenko_on_real_ihc_image_recovers_dab_and_h():

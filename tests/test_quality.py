@@ -8,9 +8,9 @@ import pytest
 from dicom_io.wsi import open_slide
 from her2_core.aggregate import SlideCall
 from her2_core.preprocessing import REFERENCE, fit_stains, optical_density, tissue_mask
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec, render_region, render_thumbnail
 from model_training.slide_tiles import synthetic_slide_tiles
-from model_training.synthetic import SlideSpec, render_region, render_thumbnail
-from model_training.synthetic_dicom import write_synthetic_slide
 from worker.pipeline import score_slide
 from worker.quality import QualityReport, check_graded, check_slide, check_stain, sharpness
 from worker.settings import load_settings

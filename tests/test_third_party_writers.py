@@ -30,7 +30,7 @@ from dicom_io.wsi import BRIGHTFIELD, brightfield_path, open_slide
 from dicom_io.wsi_writer import SRGB_PROFILE, SlideIdentity, write_wsi
 from her2_core.aggregate import CLASSES, SlideCall, SlideScore
 from her2_core.preprocessing import grid_for_level
-from model_training.synthetic import SlideSpec, render_region
+from her2_synthetic.render import SlideSpec, render_region
 from tests.conftest import REAL_HER2, REPO
 from tests.third_party import (
     highdicom_write,

@@ -9,8 +9,8 @@ import pytest
 from wsidicom import WsiDicom
 
 from dicom_io.wsi import open_slide
-from model_training.synthetic import SlideSpec, render_region
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec, render_region
 
 
 def test_levels_tiles_spacing_and_pixels(slides):

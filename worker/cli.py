@@ -64,8 +64,8 @@ def _parse_size(text: str) -> tuple[float, float]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from model_training.synthetic import SlideSpec
-    from model_training.synthetic_dicom import write_synthetic_slide
+    from her2_synthetic.dicom import write_synthetic_slide
+    from her2_synthetic.render import SlideSpec
 
     mix = args.mix or {args.grade: 1.0}
     spec = SlideSpec(seed=args.seed, width_um=args.size[0], height_um=args.size[1], class_mix=mix,
@@ -79,7 +79,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     print(f"wrote {len(files)} pyramid levels to {args.out} (ground truth: {t['call']}, "
           + ", ".join(f"{c} {t['percentages'][c]:.1f} %" for c in CLASSES) + ")")
     if getattr(args, "annotations", None):
-        from model_training.synthetic_dicom import write_synthetic_annotations
+        from her2_synthetic.dicom import write_synthetic_annotations
 
         write_synthetic_annotations(args.out, args.annotations)
         print(f"wrote its HER2 tumour outlines (Microscopy Bulk Simple Annotations) to {args.annotations}")

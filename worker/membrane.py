@@ -78,7 +78,7 @@ class MembraneThresholds:
     after a Gaussian of ``dab_sigma_um``, sampled along a cell's boundary as
     the maximum over 3x3 work pixels (1.5 um, a real membrane's width: the
     watershed line may sit a pixel off the DAB ridge). "Synthetic" figures
-    below are this measure on ``model_training.synthetic`` regions at
+    below are this measure on ``her2_synthetic.render`` regions at
     0.25 um/px (centre A / centre B, whose scanner blur lowers peaks);
     "real" figures on the four cores of ``tests/data/real_her2``.
 

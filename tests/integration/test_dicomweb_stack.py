@@ -48,8 +48,8 @@ from dicom_io.errors import SlideError
 from dicom_io.sender import Outbox, StowDestination
 from dicom_io.uids import result_uids
 from her2_core.model_card import load_model_card
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 from worker.settings import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration

@@ -30,8 +30,8 @@ from test_routing import check_results, results_in_study
 
 from dicom_io.uids import result_uids
 from her2_core.model_card import card_path, load_model_card
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 from worker.jobs import content_key
 from worker.settings import DEFAULT_MODEL
 

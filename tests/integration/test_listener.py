@@ -15,8 +15,8 @@ from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage, Verification, VLWholeSlideMicroscopyImageStorage
 
 from dicom_io.sender import Outbox
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 from worker.jobs import JobState, RedisJobStore
 
 pytestmark = pytest.mark.integration

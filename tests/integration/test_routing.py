@@ -19,8 +19,8 @@ import redis as redis_client
 from pacs_stack import LISTENER_AET, binary, her2, wait_until
 
 from dicom_io.sr import read_sr_call
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from test_routing import check_results, synth, wait_for_results
 
 from dicom_io.sender import Destination, Outbox
 from dicom_io.tls import client_context, server_context
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration

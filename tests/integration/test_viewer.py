@@ -30,8 +30,8 @@ from test_cell_annotations import specimen_module_tags
 
 from dicom_io.codes import CLASS_COLOURS, TILE_CLASS_CODES
 from her2_core.aggregate import CLASSES
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import write_synthetic_slide
+from her2_synthetic.dicom import write_synthetic_slide
+from her2_synthetic.render import SlideSpec
 from worker.pipeline import score_slide
 from worker.settings import load_settings
 from worker.viewer import ViewerServer

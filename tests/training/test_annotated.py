@@ -27,16 +27,16 @@ from dicom_io.annotations import (
 )
 from dicom_io.errors import AnnotationError
 from dicom_io.wsi import open_slide
-from model_training.annotated import annotated_slide_tileset, annotated_tileset
-from model_training.recipes import load_datasets
-from model_training.regions import class_areas, mask_outlines
-from model_training.slide_tiles import synthetic_slide_tiles
-from model_training.synthetic import SlideSpec
-from model_training.synthetic_dicom import (
+from her2_synthetic.dicom import (
     TRUTH_FILE,
     write_synthetic_annotations,
     write_synthetic_slide,
 )
+from her2_synthetic.regions import class_areas, mask_outlines
+from her2_synthetic.render import SlideSpec
+from model_training.annotated import annotated_slide_tileset, annotated_tileset
+from model_training.recipes import load_datasets
+from model_training.slide_tiles import synthetic_slide_tiles
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TILE = 128

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from her2_synthetic.render import SlideSpec, render_region
 from model_training.layouts import bci_images, folder_images, layout_datasets
-from model_training.synthetic import SlideSpec, render_region
 
 LEVELS = ("0", "1+", "2+", "3+")
 

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from her2_core.preprocessing.stain import REFERENCE, stain_concentrations
-from model_training.synthetic import SlideSpec, render_region
+from her2_synthetic.render import SlideSpec, render_region
 
 MPP = 0.25
 
@@ -91,8 +91,8 @@ def test_sharp_synthetic_slides_read_as_sharp_as_the_real_cores(tmp_path, cls: s
     the texture (``textured=False``, what the bundled CNN was trained on) a sharp slide reads 2.5-3.2 (0 / 1+),
     out of focus by QC, while the real cores read 3.8-6.7.
     """
+    from her2_synthetic.dicom import write_synthetic_slide
     from model_training.slide_tiles import synthetic_slide_tiles
-    from model_training.synthetic_dicom import write_synthetic_slide
     from worker.quality import sharpness
     from worker.settings import load_settings
 

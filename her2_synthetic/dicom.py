@@ -20,8 +20,8 @@ from dicom_io.annotations import write_her2_annotations
 from dicom_io.errors import AnnotationError
 from dicom_io.wsi import open_slide
 from dicom_io.wsi_writer import SlideIdentity, write_wsi
-from model_training.regions import mask_outlines
-from model_training.synthetic import (
+from her2_synthetic.regions import mask_outlines
+from her2_synthetic.render import (
     CLASSES,
     SlideSpec,
     render_region,
@@ -93,7 +93,7 @@ def class_outlines(spec: SlideSpec, step_um: float = OUTLINE_STEP_UM) -> dict[st
     """The generator's tumour of each HER2 class as polygons (x, y) in um from the slide's top-left corner.
 
     The class map (:meth:`SlideSpec.layout`) is sampled every ``step_um`` and traced
-    (:func:`model_training.regions.mask_outlines`); holes are keyholed in.
+    (:func:`her2_synthetic.regions.mask_outlines`); holes are keyholed in.
     """
     rows, cols = math.ceil(spec.height_um / step_um), math.ceil(spec.width_um / step_um)
     ys, xs = np.mgrid[0:rows, 0:cols].astype(np.float64)
