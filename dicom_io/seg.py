@@ -246,6 +246,11 @@ def build_heatmap(
         omit_empty_frames=False,
     )
     set_device_uid(seg, uids.device)
+    # Multi-frame Dimension Module (PS3.3 C.7.6.17): highdicom draws a new Dimension Organization UID per
+    # object; a retried job must re-send the same object, so it is derived from the SEG's own UID.
+    organization = derived_uid("dimension-organization", uids.seg)
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = organization
     seg.CodingSchemeIdentificationSequence = [local_scheme_item()]  # SOP Common Module (PS3.3 C.12.1)
     if "PatientOrientation" not in seg:
         # General Image Module (PS3.3 C.7.6.1): Type 2C, required (may be empty) when there is no

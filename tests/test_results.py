@@ -505,6 +505,33 @@ def test_heatmap_is_readable_from_file_and_idempotent(source, level, heatmap, tm
     assert changed.SOPInstanceUID != seg.SOPInstanceUID
 
 
+def every_uid(ds: Dataset) -> list[tuple[str, str]]:
+    """(path, value) of every UI element in ``ds``, nested sequences included."""
+    found = []
+
+    def walk(item: Dataset, prefix: str) -> None:
+        for elem in item:
+            if elem.VR == "SQ":
+                for i, child in enumerate(elem.value):
+                    walk(child, f"{prefix}{elem.keyword}[{i}].")
+            elif elem.VR == "UI":
+                found.append((prefix + elem.keyword, str(elem.value)))
+
+    walk(ds, "")
+    return found
+
+
+def test_every_uid_of_the_results_is_the_same_when_built_again(source, level):
+    """A retried job re-sends the same objects: not one UID may be random (highdicom draws a new Dimension
+    Organization UID per SEG unless it is set)."""
+    for build in (lambda: build_heatmap(source, level, make_score(SlideCall.ONE), ALGORITHM),
+                  lambda: build_cell_annotations(source, level, np.array([[10.0, 20.0], [1000.5, 700.25]]),
+                                                 np.array([0, 2], np.int8), MEMBRANE),
+                  lambda: build_sr(source, level, make_score(SlideCall.ONE), ALGORITHM)):
+        first, second = every_uid(build()), every_uid(build())
+        assert first == second, [(a, b) for a, b in zip(first, second) if a != b]
+
+
 def test_heatmap_refuses_mismatched_arrays(source, level):
     score = make_score(SlideCall.ONE)
     score.probabilities = score.probabilities[:, :3]
