@@ -89,7 +89,7 @@ from dicom_io.uids import derived_uid
 from her2_core.aggregate import CLASSES
 
 ANN_SERIES_NUMBER = 9003
-ANN_SERIES_DESCRIPTION = "HER2 IHC AI cells - research use, not for clinical use"
+ANN_SERIES_DESCRIPTION = f"HER2 IHC AI cells - {NOT_FOR_CLINICAL_USE}"  # LO: at most 64 characters
 ANN_CONTENT_LABEL = "HER2_CELLS"
 
 CELL_CATEGORY = CodedConcept.from_code(codes.SCT.AnatomicalStructure)

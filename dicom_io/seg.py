@@ -36,7 +36,7 @@ from dicom_io.uids import derived_uid
 from her2_core.aggregate import CLASSES, SlideScore
 
 SEG_SERIES_NUMBER = 9002
-SEG_SERIES_DESCRIPTION = "HER2 IHC AI heatmap - research use, not for clinical use"
+SEG_SERIES_DESCRIPTION = f"HER2 IHC AI heatmap - {NOT_FOR_CLINICAL_USE}"  # LO: at most 64 characters
 HEATMAP_CONTENT_LABEL = "HER2_HEATMAP"
 
 

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from dicom_io.codes import CLASS_COLOURS
 from her2_core.aggregate import CLASSES, SlideScore
+from her2_core.facts import INTENDED_USE
 from worker.membrane import CellTable
 
 #: Colour per class index (:data:`dicom_io.codes.CLASS_COLOURS`, as in the SEG and the ANN).
@@ -37,7 +38,7 @@ def overlay_image(thumbnail: np.ndarray, score: SlideScore, level_px_per_thumb_p
     tile_weight = weight[ri][:, ci][..., None]
     blended = thumbnail.astype(np.float32) * (1 - tile_weight) + tile_colour * tile_weight
     image = Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8))
-    return _legend(image, f"HER2 IHC call: {score.call.value}   (research use only, not for clinical use)",
+    return _legend(image, f"HER2 IHC call: {score.call.value}   ({INTENDED_USE})",
                    [f"{name}: {score.percentages[name]:.1f} % of tumour area" for name in CLASSES], ring=False)
 
 
@@ -84,7 +85,7 @@ def cell_field_image(rgb: np.ndarray, cells: CellTable, radius: int = 6) -> Imag
         else:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=OTHER_CELL_COLOUR)
     counts = [int(np.count_nonzero(cells.tumour & (cells.cell_class == k))) for k in range(len(CLASSES))]
-    return _legend(image, "Membrane grader, one field: tumour cells by class (research use only, not for clinical use)",
+    return _legend(image, f"Membrane grader, one field: tumour cells by class ({INTENDED_USE})",
                    [f"{name}: {counts[k]} tumour cells" for k, name in enumerate(CLASSES)], ring=True)
 
 
