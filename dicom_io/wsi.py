@@ -370,8 +370,7 @@ class Slide:
         elif source.mpp > mpp:
             raise ValueError(f"level {source.index} ({source.mpp:g} um/px) is coarser than {mpp:g} um/px")
         level = self._resampled_level(source, mpp, tile_size)
-        log.info("no pyramid level within %.0f%% of %g um/px: resampling level %d (%.3g um/px)", tolerance * 100, mpp,
-                 source.index, source.mpp)
+        log.info("tiles at %g um/px box-resampled from level %d (%.3g um/px)", mpp, source.index, source.mpp)
         return TileSource(level, source, lambda row, col: self._resample_tile(source, level, row, col))
 
     def _resampled_level(self, source: LevelInfo, mpp: float, tile_size: int) -> LevelInfo:
