@@ -65,7 +65,7 @@ from her2_core.aggregate import CLASSES, SlideCall, SlideScore
 from her2_core.facts import INTENDED_USE
 
 SR_SERIES_NUMBER = 9001
-SR_SERIES_DESCRIPTION = "HER2 IHC AI score - research use, not for clinical use"
+SR_SERIES_DESCRIPTION = f"HER2 IHC AI score - {INTENDED_USE}"  # LO: at most 64 characters
 INTENDED_USE_COMMENT = f"Automated HER2 IHC scoring (ASCO/CAP categories). {INTENDED_USE}; not verified by a pathologist."
 
 #: Grader basis -> (group title, per-class percentage concepts).
