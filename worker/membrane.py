@@ -368,7 +368,7 @@ def counterstain_gain(fields: Sequence[np.ndarray], mpp: float, stains: np.ndarr
     ``thresholds.h_reference`` over the 90th percentile of haematoxylin on the
     tissue of ``fields`` (RGB uint8 at ``mpp`` um/px, the graded fields)
     averaged over :data:`COUNTERSTAIN_BLOCK_UM` blocks, a thumbnail's view
-    (:func:`her2_core.preprocessing.tissue.tissue_mask` finds the tissue), within
+    (tissue: H + DAB above ``tissue_od_min``, which glass gaps stay under), within
     ``h_gain_max`` either way; 1 with too little tissue. Measured on the
     fields, not on the slide's own thumbnail: a writer's coarse levels are its
     own resampling and encoding (real cores: 4 % between writers).
