@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,6 +61,8 @@ class PreparedSlide:
     grid: TileGrid
     candidates: list[Position]
     normaliser: StainNormaliser
+    #: Tiles the stain fit already decoded, each handed out once by :meth:`take` instead of being read again.
+    decoded: dict[Position, np.ndarray] = field(default_factory=dict)
 
     @property
     def level(self) -> LevelInfo:
@@ -70,6 +72,12 @@ class PreparedSlide:
     @property
     def read(self) -> TileRead:
         return self.tiles.read
+
+    def take(self, pos: Position) -> np.ndarray:
+        """The tile at ``pos``: the stain fit's decoded copy the first time, else read and decoded now
+        (thread-safe: ``dict.pop`` is atomic)."""
+        tile = self.decoded.pop(pos, None)
+        return self.tiles.read(*pos) if tile is None else tile
 
 
 @dataclass
@@ -104,9 +112,11 @@ def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
     level = tiles.level
     grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
     candidates = candidate_tiles(survey.mask, grid)
-    normaliser = fit_stains(stain_sample(tiles.read, candidates), reference)
+    sample = stain_sample(tiles.read, candidates)
+    normaliser = fit_stains(np.stack(list(sample.values())) if sample else np.zeros((0, 1, 1, 3), np.uint8),
+                            reference)
     normaliser.expect(len(candidates) * tile_size**2)
-    return PreparedSlide(survey, tiles, grid, candidates, normaliser)
+    return PreparedSlide(survey, tiles, grid, candidates, normaliser, sample)
 
 
 def unprepared(slide: Slide, survey: SlideSurvey, tile_size: int) -> PreparedSlide:
@@ -135,15 +145,15 @@ def sharpness_sample(candidates: list[Position]) -> frozenset[Position]:
     return frozenset(candidates[i] for i in spread_indices(len(candidates), SHARPNESS_TILES))
 
 
-def stain_sample(read: Callable[[int, int], np.ndarray], candidates: list[Position]) -> np.ndarray:
-    """The decodable tiles among :func:`stain_fit_indices` of ``candidates`` (N, T, T, 3)."""
-    tiles = []
+def stain_sample(read: Callable[[int, int], np.ndarray], candidates: list[Position]) -> dict[Position, np.ndarray]:
+    """The decodable tiles among :func:`stain_fit_indices` of ``candidates``, by position (in their order)."""
+    tiles = {}
     for pos in (candidates[i] for i in stain_fit_indices(len(candidates))):
         try:
-            tiles.append(read(*pos))
+            tiles[pos] = read(*pos)
         except CorruptTileError:
             continue
-    return np.stack(tiles) if tiles else np.zeros((0, 1, 1, 3), np.uint8)
+    return tiles
 
 
 #: A tile as the pool hands it back: None if corrupt, else
@@ -155,7 +165,7 @@ def _prepare_tile(prepared: PreparedSlide, pos: Position, white_fraction_max: fl
                   measure_sharpness: bool) -> Prepared:
     """Read, decode, white-filter, normalise and maybe measure one tile (in a pool thread; numpy releases the GIL)."""
     try:
-        tile = prepared.read(*pos)
+        tile = prepared.take(pos)
     except CorruptTileError:
         return None
     white = float(white_fraction(tile))
