@@ -11,10 +11,13 @@ HER2 slide as DICOM, then prints, from this one run on this machine, a table of
   already converted to the model's float input (the limit for our glue);
 * end-to-end :func:`worker.pipeline.score_slide` on each slide: tissue tiles
   graded per second of the whole job's wall time, and the ratio to the bare model;
-* a naive loop on the large slide: every tissue region read through wsidicom's
+* a naive loop on each slide: every tissue region read through wsidicom's
   whole-region ``read_region``, normalised, and graded by the torch definition
   of the model one tile at a time (ONNX Runtime one tile at a time if torch or
   the torch definition is not available; the row says which);
+* with ``--tiatoolbox-python``, a real peer on the large slide: tiatoolbox's
+  patch predictor reading the same DICOM series and grading the same tiles with
+  the same network (:mod:`benchmarks.peer_tiatoolbox`, run by that interpreter);
 * every per-tile stage alone, one thread each (JPEG read + decode, white
   filter, Macenko normalisation, float input conversion, QC sharpness), and
   the ceiling those stages put on end-to-end throughput on this machine's cores;
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import PEER_MARK
 from benchmarks.slides import DEFAULT_CACHE, SLIDES, SLIDES_40X, ensure_slide
 
 #: Tiles (from the small slide) used for the bare-model, decode and normalisation rates.
@@ -253,34 +257,51 @@ def membrane_rate(n: int, min_seconds: float) -> Rate:
     return _repeat(lambda batch: [grade_cells(f, 0.25, stains, glass=glass) for f in batch], fields, 1, min_seconds)
 
 
-def end_to_end(series_dir: Path, settings) -> Rate:
-    """``score_slide`` on a slide: tissue tiles graded over the wall time of the whole job."""
+def end_to_end(series_dir: Path, settings) -> tuple[Rate, list[list[int]]]:
+    """``score_slide`` on a slide: tissue tiles graded over the wall time of the whole job.
+
+    Also returns the graded tiles' top-left corners ``[x, y]`` in pixels of the model's level (the
+    tiles the tiatoolbox peer is given).
+    """
     from worker.pipeline import score_slide
 
     result, seconds, cpu = _timed(lambda: score_slide(series_dir, settings))
-    return Rate(int(result.stats["tiles_scored"]), seconds, cpu)
+    size = result.score.grid.tile_size
+    origins = [[int(c) * size, int(r) * size] for r, c in np.argwhere(result.score.scored)]
+    return Rate(int(result.stats["tiles_scored"]), seconds, cpu), origins
+
+
+@dataclass
+class TorchDefinition:
+    """What the ONNX model was exported from: a ``model_training`` architecture, its input size, its weights."""
+
+    arch: str
+    input_size: int | None
+    weights: Path | None  #: ``<model>.pt`` (a ``state_dict``) when it exists; None: random init, same cost
+
+
+def torch_definition(model_path: Path, card) -> TorchDefinition:
+    """The model's architecture as its card's training record names it (the bundled default: tiny)."""
+    training = card.training if isinstance(card.training, dict) else {}
+    weights = Path(model_path).with_suffix(".pt")
+    return TorchDefinition(str(training.get("arch") or training.get("architecture") or "tiny"),
+                           training.get("input_size") or None, weights if weights.is_file() else None)
 
 
 def _torch_tile_model(model_path: Path, card):
-    """The torch definition of the model (``model_training.models.TileClassifier``), or (None, why).
-
-    Weights come from ``<model>.pt`` (a ``state_dict``) when it exists; otherwise the
-    architecture is randomly initialised, which costs the same time per tile.
-    """
+    """The torch definition of the model (``model_training.models.TileClassifier``), or (None, why)."""
     try:
         import torch
 
         from model_training.models import TileClassifier
     except Exception as exc:  # torch not installed, or no torch definition yet
         return None, f"torch model unavailable ({type(exc).__name__}: {exc})"
-    training = card.training if isinstance(card.training, dict) else {}
-    arch = str(training.get("arch") or training.get("architecture") or "tiny")
+    definition = torch_definition(model_path, card)
+    arch, weights = definition.arch, definition.weights
     try:
-        net = TileClassifier(arch, n_classes=len(card.classes),
-                             input_size=training.get("input_size") or None)
-        weights = Path(model_path).with_suffix(".pt")
+        net = TileClassifier(arch, n_classes=len(card.classes), input_size=definition.input_size)
         how = "random init (same cost)"
-        if weights.is_file():
+        if weights is not None:
             net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
             how = f"weights {weights.name}"
     except Exception as exc:
@@ -358,6 +379,57 @@ def naive_loop(series_dir: Path, settings, model, max_tiles: int) -> tuple[Rate,
     return Rate(graded, time.perf_counter() - t0, time.process_time() - c0), engine
 
 
+#: Where docs/performance.md says how to set up the peer's interpreter.
+PEER_SETUP = 'docs/performance.md, "Peer: tiatoolbox"'
+#: Longest the peer may run (three timed runs of the large slide with ResNet34 take about a minute).
+PEER_TIMEOUT_S = 1800
+
+
+@dataclass
+class PeerResult:
+    """The tiatoolbox peer on one slide: its rate and the settings it ran with, or why it did not run."""
+
+    rate: Rate | None
+    note: str
+
+
+def tiatoolbox_peer(python: Path | None, series_dir: Path, origins: list[list[int]], settings, card) -> PeerResult:
+    """tiatoolbox's patch predictor on ``origins`` of ``series_dir`` with the same network, under ``python``.
+
+    Runs :mod:`benchmarks.peer_tiatoolbox` in that interpreter (tiatoolbox needs its own virtualenv) and
+    reads its result line. Any failure (no interpreter, no tiatoolbox, a crash, a timeout) becomes a
+    one-line note; the rest of the benchmark runs on. CPU time is not reported: the child also imports,
+    warms up and times one run per DataLoader worker count.
+    """
+    if python is None:
+        return PeerResult(None, f"skipped: no --tiatoolbox-python (setup: {PEER_SETUP})")
+    definition = torch_definition(Path(settings.model_path), card)
+    cmd = [str(python), "-m", "benchmarks.peer_tiatoolbox", str(Path(series_dir).resolve()),
+           "--arch", definition.arch, "--n-classes", str(len(card.classes)), "--tile-size", str(card.tile_size),
+           "--mpp", str(card.mpp), "--batch-size", str(settings.batch_size)]
+    if definition.input_size:
+        cmd += ["--input-size", str(definition.input_size)]
+    if definition.weights is not None:
+        cmd += ["--weights", str(definition.weights)]
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(origins), capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=PEER_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return PeerResult(None, f"failed: {python} could not run the peer ({type(exc).__name__}: {exc}) "
+                                f"(setup: {PEER_SETUP})")
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(PEER_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        last = next((ln.strip() for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "no output")
+        return PeerResult(None, f"failed under {python} (exit {proc.returncode}): {last} (setup: {PEER_SETUP})")
+    peer = json.loads(line[len(PEER_MARK):])
+    tried = ", ".join(f"{n}: {r:.1f}" for n, r in peer["tiles_per_s_by_workers"].items())
+    return PeerResult(Rate(int(peer["tiles"]), float(peer["seconds"]), 0.0),
+                      f"tiatoolbox {peer['tiatoolbox']}, torch {peer['torch']} ({peer['torch_threads']} threads), "
+                      f"wsidicom {peer['wsidicom']}, {peer['arch']} ({peer['weights']}); DataLoader workers "
+                      f"{peer['num_workers']}, the fastest here (tiles/s by workers {tried}); tile reads + "
+                      "network only (no tissue finding, normalisation, QC or DICOM output)")
+
+
 #: A minimal launcher: a fresh small interpreter runs the scoring child and reports its peak RSS.
 _LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
              "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(rc)")
@@ -388,7 +460,7 @@ def peak_rss_mib(series_dir: Path, args: argparse.Namespace) -> tuple[float, int
 
 
 def _score_child(series_dir: Path, args: argparse.Namespace) -> None:
-    rate = end_to_end(series_dir, _settings(args))
+    rate, _ = end_to_end(series_dir, _settings(args))
     print(CHILD_MARK + json.dumps({"tiles_scored": rate.tiles, "seconds": rate.seconds}), flush=True)
 
 
@@ -454,9 +526,10 @@ def run(args: argparse.Namespace) -> None:
     log("bare model ...")
     bare_before = bare_now()
     e2e: dict[str, Rate] = {}
+    graded: dict[str, list[list[int]]] = {}
     for name in names:
         log(f"end-to-end score_slide on {name} ...")
-        e2e[name] = end_to_end(dirs[name], settings)
+        e2e[name], graded[name] = end_to_end(dirs[name], settings)
     log("bare model again ...")
     bare_after = bare_now()
     bare_rate, bare_how = max(bare_before, bare_after, key=lambda c: c[0].per_s)
@@ -471,10 +544,18 @@ def run(args: argparse.Namespace) -> None:
                         r.per_s / bare, r.cpu_ms, "whole job: open, survey, QC, tiles, inference, SR + SEG"))
 
     main = names[-1]
-    log(f"naive loop on {main} ...")
-    naive, engine = naive_loop(dirs[main], settings, model, args.naive_max_tiles)
-    rows.append(Row(f"naive loop, {main} slide ({naive.tiles} tiles: read_region + normalise + 1 tile at a time)",
-                    naive.per_s, naive.seconds, naive.per_s / bare, naive.cpu_ms, engine))
+    naive: dict[str, Rate] = {}
+    for name in names:
+        log(f"naive loop on {name} ...")
+        naive[name], engine = naive_loop(dirs[name], settings, model, args.naive_max_tiles)
+        rows.append(Row(f"naive loop, {name} slide ({naive[name].tiles} tiles: read_region + normalise + 1 tile "
+                        "at a time)", naive[name].per_s, naive[name].seconds, naive[name].per_s / bare,
+                        naive[name].cpu_ms, engine))
+    log(f"tiatoolbox peer on {main} ..." if args.tiatoolbox_python else "tiatoolbox peer: not configured")
+    peer = tiatoolbox_peer(args.tiatoolbox_python, dirs[main], graded[main], settings, card)
+    tia = peer.rate
+    rows.append(Row(f"tiatoolbox PatchPredictor, {main} slide ({len(graded[main])} tiles, same network)",
+                    tia and tia.per_s, tia and tia.seconds, tia and tia.per_s / bare, None, peer.note))
 
     log("stages alone ...")
     per_tile = {  # every per-tile stage of the job besides the model, each on one thread
@@ -497,8 +578,8 @@ def run(args: argparse.Namespace) -> None:
     rows.append(Row("membrane grader alone: 1024 px fields at 0.25 um/px of the real cores (1 thread)",
                     cells.per_s, None, None, cells.cpu_ms, "fields/s (a field is 256 um, 1/4 of a CNN tile)"))
     slide40 = ensure_slide(args.slide_40x, args.cache, log)
-    with_cells = end_to_end(slide40, settings)
-    without = end_to_end(slide40, settings.model_copy(update={"membrane_grader": False}))
+    with_cells, _ = end_to_end(slide40, settings)
+    without, _ = end_to_end(slide40, settings.model_copy(update={"membrane_grader": False}))
     rows.append(Row(f"end-to-end score_slide, {args.slide_40x} slide (40x), membrane grader on", None,
                     with_cells.seconds, None, None, f"{with_cells.seconds / without.seconds:.2f} x the time with it off"))
     rows.append(Row(f"end-to-end score_slide, {args.slide_40x} slide (40x), membrane grader off", None,
@@ -512,7 +593,10 @@ def run(args: argparse.Namespace) -> None:
     r = e2e[main]
     print()
     print(f"end-to-end / bare model ({main} slide): {_ratio(r.per_s / bare)}")
-    print(f"end-to-end / naive loop ({main} slide): {_ratio(r.per_s / naive.per_s)}")
+    for name in names:
+        print(f"end-to-end / naive loop ({name} slide): {_ratio(e2e[name].per_s / naive[name].per_s)}")
+    versus_peer = peer.note if tia is None else _ratio(r.per_s / tia.per_s)
+    print(f"end-to-end / tiatoolbox ({main} slide, same network): {versus_peer}")
     print(f"ceiling with JPEG decode alone added to the model on {cores} cores: {ceiling:.1f} tiles/s "
           f"= {_ratio(ceiling / bare)} x bare model")
     print(f"ceiling with every per-tile stage above (decode, white filter, normalisation, input conversion) added "
@@ -559,6 +643,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="minimum seconds each rate (bare model, normalisation) is measured for (default 3)")
     p.add_argument("--naive-max-tiles", type=int, default=0,
                    help="grade at most this many tiles in the naive loop (default 0 = all tissue tiles)")
+    p.add_argument("--tiatoolbox-python", type=Path, default=None,
+                   help="an interpreter with tiatoolbox (e.g. /work/tia-venv/bin/python): runs its patch predictor "
+                        "on the main slide's graded tiles with the same network (default: skipped, with a note)")
     p.add_argument("--membrane-fields", type=int, default=8,
                    help="real-core fields the membrane grader's rate is measured on (default 8)")
     p.add_argument("--slide-40x", default="small40", choices=sorted(SLIDES_40X),

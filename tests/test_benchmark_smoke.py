@@ -63,7 +63,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help():
     proc = _run("--help")
     assert proc.returncode == 0 and "--small-only" in proc.stdout and "--cache" in proc.stdout
-    assert "--arch" in proc.stdout
+    assert "--arch" in proc.stdout and "--tiatoolbox-python" in proc.stdout
 
 
 def test_benchmark_prints_every_figure(tmp_path):
@@ -85,7 +85,7 @@ def test_benchmark_prints_every_figure(tmp_path):
         return value
 
     for label in ("bare model", "end-to-end score_slide, tiny slide", "end-to-end score_slide, tiny-wide slide",
-                  "naive loop", "JPEG read + decode alone", "white filter alone", "Macenko normalisation alone",
+                  "naive loop, tiny slide", "naive loop, tiny-wide slide", "JPEG read + decode alone", "white filter alone", "Macenko normalisation alone",
                   "input conversion alone", "QC tile sharpness alone"):
         cells = row(label)
         positive(cells[1])  # tiles/s
@@ -97,8 +97,14 @@ def test_benchmark_prints_every_figure(tmp_path):
     off = positive(row("end-to-end score_slide, tiny40 slide (40x), membrane grader off")[2])
     assert on > off  # the grader reads and grades fields only when on
     for label in ("end-to-end score_slide", "naive loop"):
-        positive(row(label + ("" if label == "naive loop" else ", tiny-wide slide"))[2])  # wall s
+        for slide in ("tiny", "tiny-wide"):
+            positive(row(f"{label}, {slide} slide")[2])  # wall s
+    # The tiatoolbox peer is not configured: its row and ratio line say so, and nothing else is missing.
+    peer = row("tiatoolbox PatchPredictor, tiny-wide slide")
+    assert peer[1:5] == ["-"] * 4 and peer[5].startswith("skipped: no --tiatoolbox-python"), peer
+    assert "end-to-end / tiatoolbox (tiny-wide slide, same network): skipped: no --tiatoolbox-python" in out
     for pattern in (r"end-to-end / bare model \(tiny-wide slide\): " + NUMBER,
+                    r"end-to-end / naive loop \(tiny slide\): " + NUMBER,
                     r"end-to-end / naive loop \(tiny-wide slide\): " + NUMBER,
                     r"peak RSS tiny slide \(\d+ tissue tiles\): " + NUMBER + " MiB",
                     r"peak RSS tiny-wide slide \(\d+ tissue tiles\): " + NUMBER + " MiB",
@@ -108,8 +114,13 @@ def test_benchmark_prints_every_figure(tmp_path):
         match = re.search(pattern, out)
         assert match, (pattern, out)
         positive(match.group(1))
-    # Second run reuses the rendered slides.
+    # Second run reuses the rendered slides; a peer interpreter that cannot run gives one line, no traceback.
     again = _run("--small-only", "--small", "tiny", "--cache", str(tmp_path / "slides"), "--model-path", str(model),
-                 "--min-seconds", "0.05", "--sample-tiles", "4", "--membrane-fields", "2", "--slide-40x", "tiny40")
+                 "--min-seconds", "0.05", "--sample-tiles", "4", "--membrane-fields", "2", "--slide-40x", "tiny40",
+                 "--tiatoolbox-python", str(tmp_path / "no-such-venv" / "python"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "rendering" not in again.stderr
+    assert "Traceback" not in again.stdout + again.stderr
+    assert re.search(r"end-to-end / tiatoolbox \(tiny slide, same network\): failed: .*no-such-venv.* could not "
+                     r"run the peer \(FileNotFoundError", again.stdout), again.stdout
+    assert re.search(r"end-to-end / naive loop \(tiny slide\): " + NUMBER, again.stdout)
