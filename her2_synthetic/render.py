@@ -15,9 +15,8 @@ What is drawn
   0.01 mm2); every pixel belongs to its nearest cell. Haematoxylin nuclei are
   ellipses around the cell centres (axes ~7.5 x 4.6 um) with chromatin
   texture; the cell membrane is the Voronoi boundary between cells. With
-  ``textured`` (the default, what the bundled CNN is trained on; ``False``
-  draws the flat tissue of earlier generators), cytoplasm and stroma are
-  granular (2 um value noise), fibres thinner and
+  ``textured`` (off by default until the bundled CNN is retrained on it),
+  cytoplasm and stroma are granular (2 um value noise), fibres thinner and
   every cell boundary carries a faint haematoxylin outline, in every class, so
   that fine detail (what QC's sharpness measures) does not come from DAB
   membranes alone and a sharp slide reads as sharp as the real cores.
@@ -162,7 +161,7 @@ class SlideSpec:
     stain: str = "HER2-DAB"
     artefacts: tuple[str, ...] = ()
     #: Real-like fine texture (granular cytoplasm and stroma, cell outlines): see the module docstring.
-    textured: bool = True
+    textured: bool = False
 
     def __post_init__(self) -> None:
         if set(self.class_mix) - set(CLASSES):
