@@ -14,8 +14,16 @@ from scipy.optimize import linear_sum_assignment
 from her2_core.aggregate import CLASSES, SlideCall, asco_cap_call
 from her2_core.preprocessing.stain import REFERENCE, fit_stains, stain_concentrations
 from her2_core.preprocessing.tissue import glass_colour, tissue_mask
-from her2_synthetic.render import SlideSpec, region_cells, render_region
-from worker.membrane import CellTable, MembraneSummary, grade_cells, summarise_cells
+from her2_synthetic.render import SlideSpec, region_cells, render_region, render_thumbnail
+from worker.cell_grading import membrane_stains
+from worker.membrane import (
+    CellTable,
+    MembraneSummary,
+    MembraneThresholds,
+    counterstain_gain,
+    grade_cells,
+    summarise_cells,
+)
 
 REAL = Path(__file__).parent / "data" / "real_her2"
 MPP = 0.25
@@ -24,14 +32,23 @@ TILE = 1024
 THUMB = 32
 
 
-def _synthetic(centre: str, cls: str, mpp: float = MPP) -> tuple[dict, CellTable]:
-    """Grade a 256 um field of a pure-class synthetic region; match tumour cells to the generator's within 4 um."""
-    spec = SlideSpec(seed=5, width_um=1024, height_um=1024, class_mix={cls: 1.0}, tumour_fraction=1.0, centre=centre)
+def _synthetic(centre: str, cls: str, mpp: float = MPP, textured: bool = False) -> tuple[dict, CellTable]:
+    """Grade a 256 um field of a pure-class synthetic region as the pipeline does (stains estimated on the field,
+    OD relative to the slide's glass, counterstain gain); match tumour cells to the generator's within 4 um.
+
+    The generator's flat tissue (its default) unless ``textured``: see :func:`test_textured_tissue_known_gap`.
+    """
+    spec = SlideSpec(seed=5, width_um=1024, height_um=1024, class_mix={cls: 1.0}, tumour_fraction=1.0, centre=centre,
+                     textured=textured)
     x0 = y0 = 384.0
     side = TILE * MPP
     px = round(side / mpp)
     rendered = render_region(spec, x0, y0, px, px, mpp)
-    table = grade_cells(rendered.rgb, mpp, fit_stains(rendered.rgb[None]).source_matrix)
+    thumb = render_thumbnail(spec)
+    glass = glass_colour(thumb, tissue_mask(thumb))  # as the pipeline: OD relative to the slide's glass
+    stains = membrane_stains([rendered.rgb], REFERENCE.matrix())
+    h_gain = counterstain_gain([rendered.rgb], mpp, stains, glass, MembraneThresholds())
+    table = grade_cells(rendered.rgb, mpp, stains, glass=glass, h_gain=h_gain)
     truth = region_cells(spec, x0, y0, side, side)
     true_xy = truth.centres_um[truth.tumour] - (x0, y0)
     found_xy = (table.centroids[table.tumour] + 0.5) * mpp
@@ -63,6 +80,21 @@ def test_synthetic_cells_found_and_graded(centre, cls):
 def test_synthetic_cells_at_half_micron(centre, cls):
     """A 20x level (0.5 um/px, the grader's working spacing) grades as 0.25 um/px does."""
     m, _ = _synthetic(centre, cls, mpp=0.5)
+    assert m["recall"] >= 0.9 and m["precision"] >= 0.9 and m["agreement"] >= 0.85, m
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (issue 12): on the textured generator the counterstain gain "
+                   "lifts the granular cytoplasm and cell outlines into false nuclei")
+@pytest.mark.parametrize(("centre", "cls"), [("A", "1+"), ("B", "2+")])
+def test_textured_tissue_known_gap(centre, cls):
+    """Nucleus precision on textured synthetic fields is about 0.7 (recall 0.96-0.98, class agreement 0.85-0.98).
+
+    Measured in session 21 (with the former gain-free test path the nuclei were found, but the 1+ / 2+ DAB was
+    lost to a haematoxylin estimate tilted towards the glass tint); the membrane grader's
+    slide calls on 8 fresh textured centre-B slides were all right (QWK 1.0). Strict: it fails loudly once the
+    grader or the generator is fixed, and the textured generator can become the default.
+    """
+    m, _ = _synthetic(centre, cls, textured=True)
     assert m["recall"] >= 0.9 and m["precision"] >= 0.9 and m["agreement"] >= 0.85, m
 
 
