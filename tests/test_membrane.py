@@ -33,8 +33,9 @@ THUMB = 32
 
 
 def _synthetic(centre: str, cls: str, mpp: float = MPP, textured: bool = False) -> tuple[dict, CellTable]:
-    """Grade a 256 um field of a pure-class synthetic region as the pipeline does (stains estimated on the field,
-    OD relative to the slide's glass, counterstain gain); match tumour cells to the generator's within 4 um.
+    """Grade a 256 um field of a pure-class synthetic region as the pipeline does (stains estimated on the field by
+    :func:`membrane_stains`, cells graded in OD relative to the slide's glass with the counterstain gain); match
+    tumour cells to the generator's within 4 um.
 
     The generator's flat tissue (its default) unless ``textured``: see :func:`test_textured_tissue_known_gap`.
     """
