@@ -15,12 +15,11 @@ from her2_core.aggregate import CLASSES, SlideCall, asco_cap_call
 from her2_core.preprocessing.stain import REFERENCE, fit_stains, stain_concentrations
 from her2_core.preprocessing.tissue import glass_colour, tissue_mask
 from her2_synthetic.render import SlideSpec, region_cells, render_region, render_thumbnail
-from worker.cell_grading import membrane_stains
+from worker.cell_grading import FieldCalibration
 from worker.membrane import (
     CellTable,
     MembraneSummary,
     MembraneThresholds,
-    counterstain_gain,
     grade_cells,
     summarise_cells,
 )
@@ -33,8 +32,8 @@ THUMB = 32
 
 
 def _synthetic(centre: str, cls: str, mpp: float = MPP, textured: bool = False) -> tuple[dict, CellTable]:
-    """Grade a 256 um field of a pure-class synthetic region as the pipeline does (stains estimated on the field by
-    :func:`membrane_stains`, cells graded in OD relative to the slide's glass with the counterstain gain); match
+    """Grade a 256 um field of a pure-class synthetic region as the pipeline does (glass, stains and counterstain gain
+    measured by :class:`FieldCalibration` on the field, cells graded in OD relative to the glass); match
     tumour cells to the generator's within 4 um.
 
     The generator's flat tissue (its default) unless ``textured``: see :func:`test_textured_tissue_known_gap`.
@@ -47,9 +46,8 @@ def _synthetic(centre: str, cls: str, mpp: float = MPP, textured: bool = False) 
     rendered = render_region(spec, x0, y0, px, px, mpp)
     thumb = render_thumbnail(spec)
     glass = glass_colour(thumb, tissue_mask(thumb))  # as the pipeline: OD relative to the slide's glass
-    stains = membrane_stains([rendered.rgb], REFERENCE.matrix())
-    h_gain = counterstain_gain([rendered.rgb], mpp, stains, glass, MembraneThresholds())
-    table = grade_cells(rendered.rgb, mpp, stains, glass=glass, h_gain=h_gain)
+    calibration = FieldCalibration.measure([rendered.rgb], mpp, glass, REFERENCE.matrix(), MembraneThresholds())
+    table = calibration.grade(rendered.rgb, mpp, MembraneThresholds())
     truth = region_cells(spec, x0, y0, side, side)
     true_xy = truth.centres_um[truth.tumour] - (x0, y0)
     found_xy = (table.centroids[table.tumour] + 0.5) * mpp

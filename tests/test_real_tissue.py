@@ -160,6 +160,53 @@ def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(la
     assert 0.6 * reference_cells <= cells <= 1.7 * reference_cells, (cells, reference_cells)
 
 
+#: Issue 12, grader 1.3: the most a class percentage may move when a real core's glass is white-balanced to another
+#: scanner's. Measured through our writer: 1.1 points (2+ ISH-, bright) and 4.1 (1+, bluish: its brightest glass
+#: already reads 255 in blue, and clipped light is not scaled). Grader 1.2 (stains estimated relative to 255, a fixed
+#: white level, pure white left out as "not image") failed both: 2+ ISH- 17.2 -> 6.6 % 1+ cells, called 0 (ultralow);
+#: 1+ 41.9 -> 67.6 % 1+ cells.
+WHITE_BALANCE_POINTS = 5.0
+
+
+@pytest.mark.parametrize(("label", "glass"), [("2+ISH-", (252, 250, 253)), ("1+", (222, 226, 244))])
+def test_a_scanners_white_balance_keeps_the_call_and_the_percentages(label: str, glass: tuple[int, int, int],
+                                                                    tmp_path: Path) -> None:
+    """Another scanner: the core with each channel scaled so that its glass reads ``glass`` (about (234, 233, 240)
+    as scanned) is graded like the core, both through our writer.
+
+    Transmitted light through the slide's glass is what tissue attenuates, so optical density relative to the glass
+    does not change with a gain per channel; the grader's stains, field filter and cells are all glass-relative.
+    Grader 1.2 failed both cases (see :data:`WHITE_BALANCE_POINTS`).
+    """
+    import numpy as np
+    from PIL import Image
+
+    from dicom_io.wsi_writer import SlideIdentity, write_wsi
+    from her2_core.preprocessing.tissue import glass_colour, tissue_mask
+    from tests.conftest import REAL_HER2
+    from worker.pipeline import score_slide
+    from worker.settings import load_settings
+
+    files = {"1+": "1_154ae963-bd2a-4a12-8fa9-815ba13922ae.jpg", "2+ISH-": "2_aeb277c9-d925-4660-bb22-b8f850603d54.jpg"}
+    rgb = np.asarray(Image.open(REAL_HER2 / files[label]).convert("RGB"))
+    side = (min(rgb.shape[:2]) // 32) * 32
+    thumb = rgb[:side, :side].reshape(side // 32, 32, side // 32, 32, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    gain = np.asarray(glass, np.float32) / np.asarray(glass_colour(thumb, tissue_mask(thumb)), np.float32)
+    results = {}
+    for name, image in (("scanned", rgb), ("balanced", np.clip(np.rint(rgb * gain), 0, 255).astype(np.uint8))):
+        series = tmp_path / name
+        write_wsi(lambda x, y, w, h, image=image: image[y : y + h, x : x + w], image.shape[1], image.shape[0], 0.25,
+                  SlideIdentity.synthetic(5, "B"), series)
+        results[name] = score_slide(series, load_settings())
+    reference, result = results["scanned"], results["balanced"]
+    assert result.decided_by == reference.decided_by == "membrane", result.score.flags
+    percentages, expected = result.cells.summary.percentages, reference.cells.summary.percentages
+    assert result.score.call == reference.score.call, (percentages, expected)
+    assert percentages == pytest.approx(expected, abs=WHITE_BALANCE_POINTS)
+    cells, reference_cells = result.cells.summary.tumour_cells, reference.cells.summary.tumour_cells
+    assert 0.8 * reference_cells <= cells <= 1.25 * reference_cells, (cells, reference_cells)
+
+
 def test_model_card_real_tissue_figures_are_the_bundled_cnns(scored: dict[str, dict]) -> None:
     """The bundled card's real_tissue block (her2 real-tissue) is what the CNN gives on these cores now."""
     from her2_core.model_card import load_model_card

@@ -53,9 +53,12 @@ FIELD_PX = 1024
 #: Name of the membrane grader in result objects (Algorithm Name, TID 4019).
 MEMBRANE_GRADER = "her2-membrane-grader"
 #: Its version; a change of method changes it, and with it the result UIDs.
-MEMBRANE_GRADER_VERSION = "1.2"
-#: Fields whiter than this (glass, lumen) hold too few cells to be worth grading.
+MEMBRANE_GRADER_VERSION = "1.3"
+#: Fields with more glass than this (background, lumen) hold too few cells to be worth grading.
 FIELD_WHITE_MAX = 0.8
+#: Glass-relative optical density below which a pixel is background (:func:`background_fraction`): the CNN's white
+#: level (220) on the calibration cores' glass (~233), ln(234 / 221).
+BACKGROUND_OD = 0.057
 #: Fields are resampled from the finest level at least this coarse (um/px): a 40x scan's base (0.25), not an 80x one.
 SOURCE_MPP_MIN = 0.2
 #: Fields (spread over the slide) the membrane grader's stain estimate is made on.
@@ -120,7 +123,8 @@ def membrane_fields(slide: Slide) -> TileSource | None:
     return slide.tile_source(FIELD_MPP, FIELD_PX, tolerance, source=source)
 
 
-def membrane_stains(fields: list[np.ndarray], fallback: np.ndarray) -> np.ndarray:
+def membrane_stains(fields: list[np.ndarray], fallback: np.ndarray,
+                    glass: tuple[float, float, float] | None) -> np.ndarray:
     """The slide's (haematoxylin, DAB) OD matrix estimated on graded fields (RGB at :data:`FIELD_MPP`).
 
     The membrane grader unmixes at its own resolution with stains estimated
@@ -128,14 +132,60 @@ def membrane_stains(fields: list[np.ndarray], fallback: np.ndarray) -> np.ndarra
     is always the reference vector), not with the CNN's fit on the writer's
     1 um/px level: JPEG chroma subsampling of a derived level tilts the
     haematoxylin estimate by a few degrees, which moved real-core cell
-    percentages by 2-3 points between writers. ``fallback`` when the fields
-    hold too few stained pixels.
+    percentages by 2-3 points between writers.
+
+    Optical density is relative to the slide's ``glass``, as the cells are
+    graded. Relative to 255 the glass tint is part of every pale pixel and
+    tilts the estimate: on synthetic 1+ to 3+ fields whose haematoxylin lies
+    3 (centre A) and 9 (centre B) degrees from the reference it read 13-15,
+    glass-relative 3-3.5 and 9-9.3; and a scanner's white balance moved it,
+    which moved the real cores' cell percentages (see :func:`grade_membranes`).
+    ``fallback`` when the fields hold too few
+    stained pixels.
     """
     if not fields:
         return fallback
-    od = optical_density(np.concatenate([f[::2, ::2].reshape(-1, 3) for f in fields]))
+    od = optical_density(np.concatenate([f[::2, ::2].reshape(-1, 3) for f in fields]), glass)
     matrix, notes = estimate_stain_vectors(od)
     return fallback if notes else matrix
+
+
+@dataclass(frozen=True)
+class FieldCalibration:
+    """What the membrane grader measures on a slide before it grades cells: the slide's glass RGB (optical
+    density is relative to it), its stains (:func:`membrane_stains`) and its counterstain gain
+    (:func:`worker.membrane.counterstain_gain`)."""
+
+    glass: tuple[float, float, float] | None
+    stains: np.ndarray
+    h_gain: float
+
+    @classmethod
+    def measure(cls, sample: list[np.ndarray], mpp: float, glass: tuple[float, float, float] | None,
+                fallback: np.ndarray, thresholds: MembraneThresholds) -> FieldCalibration:
+        """Measured on ``sample``, fields spread over the slide (RGB at ``mpp``); ``fallback`` stains (see
+        :func:`membrane_stains`)."""
+        stains = membrane_stains(sample, fallback, glass)
+        return cls(glass, stains, counterstain_gain(sample, mpp, stains, glass, thresholds))
+
+    def grade(self, rgb: np.ndarray, mpp: float, thresholds: MembraneThresholds) -> CellTable:
+        """The cells of one field (:func:`worker.membrane.grade_cells`) on this calibration."""
+        return grade_cells(rgb, mpp, self.stains, thresholds, glass=self.glass, h_gain=self.h_gain)
+
+
+def background_fraction(rgb: np.ndarray, glass: tuple[float, float, float] | None) -> float:
+    """Share of ``rgb``'s pixels that are glass: within :data:`BACKGROUND_OD` of ``glass`` in every channel.
+
+    Relative to the slide's glass, so a scanner that white-balances its glass
+    brighter does not turn pale tissue into background (with the CNN's fixed
+    :data:`~her2_core.preprocessing.tiling.WHITE_LEVEL` a real core whose
+    glass was brought from 234 to 252 lost half its fields). Without a
+    measured glass, :func:`her2_core.preprocessing.white_fraction`.
+    """
+    if glass is None:
+        return float(white_fraction(rgb))
+    od = optical_density(np.asarray(rgb, np.uint8), glass)
+    return float(np.count_nonzero(od.max(axis=-1) < BACKGROUND_OD) / (od.shape[0] * od.shape[1]))
 
 
 def field_positions(prepared: PreparedSlide, level: LevelInfo, max_fields: int) -> list[Position]:
@@ -161,7 +211,17 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
     Optical density is taken relative to the slide's glass (measured on the
     survey thumbnail); the stains (:func:`membrane_stains`) and the
     counterstain gain (:func:`worker.membrane.counterstain_gain`) are
-    estimated on :data:`STAIN_FIELDS` of the fields, spread over the slide.
+    estimated on :data:`STAIN_FIELDS` of the fields, spread over the slide
+    (:class:`FieldCalibration`). Every measure is glass-relative (fields kept
+    by :func:`background_fraction`), so a scanner's white balance does not
+    move the grade. Measured on the real cores with each channel scaled so
+    that their glass reads (252, 250, 253), (246, 244, 250), (245, 236, 222)
+    or (222, 226, 244) instead of about (234, 233, 240): before grader 1.3
+    (stains estimated relative to 255, a fixed white level, pure white left
+    out as "not image") the 1+ core read up to 74.5 % 1+ cells instead of
+    38.5 % and the 2+ ISH- core was called 0 (ultralow); since, every call
+    holds and no class moves by more than 4.1 points
+    (``tests/test_real_tissue.py``, white balance).
 
     The slide call applies ASCO/CAP to the cell percentages with the same
     ``evidence_floor`` as the CNN's area percentages: a class held by no more
@@ -175,12 +235,15 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
     level, read = source.level, source.read
     positions = field_positions(prepared, level, max_fields)
 
+    survey = prepared.survey
+    glass = glass_colour(survey.thumbnail, survey.mask)
+
     def fetch(pos: Position) -> np.ndarray | None:
         try:
             rgb = read(*pos)
         except CorruptTileError:
             return None
-        return None if white_fraction(rgb) > FIELD_WHITE_MAX else rgb
+        return None if background_fraction(rgb, glass) > FIELD_WHITE_MAX else rgb
 
     tables: list[CellTable] = []
     tumour: list[CellTable] = []
@@ -189,16 +252,14 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
         sampled = [positions[i] for i in spread_indices(len(positions), STAIN_FIELDS)]
         fetched = dict(zip(sampled, pool.map(fetch, sampled)))
         sample = [rgb for rgb in fetched.values() if rgb is not None]
-        stains = membrane_stains(sample, prepared.normaliser.source_matrix)
-        survey = prepared.survey
-        glass = glass_colour(survey.thumbnail, survey.mask)
-        h_gain = counterstain_gain(sample, level.mpp, stains, glass, thresholds)
+        calibration = FieldCalibration.measure(sample, level.mpp, glass, prepared.normaliser.source_matrix,
+                                               thresholds)
 
         def grade(pos: Position) -> tuple[Position, np.ndarray, CellTable] | None:
             rgb = fetched.pop(pos) if pos in fetched else fetch(pos)
             if rgb is None:
                 return None
-            return pos, rgb, grade_cells(rgb, level.mpp, stains, thresholds, glass=glass, h_gain=h_gain)
+            return pos, rgb, calibration.grade(rgb, level.mpp, thresholds)
 
         for graded in pool.map(grade, positions):
             if graded is None:
@@ -219,5 +280,5 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
         fields=len(tables),
         seconds=time.perf_counter() - started,
         example=example,
-        h_gain=h_gain,
+        h_gain=calibration.h_gain,
     )

@@ -100,8 +100,8 @@ class MembraneThresholds:
       alone, tells a faint membrane from brown debris.
     * ``stained_min`` 0.08 and ``faint_min`` 0.04: a cell is stained when at
       least 8 % of its boundary (3-4 um of a 40-50 um outline: most of one
-      run) is membrane whose DAB averages at least 0.04 OD, below the
-      faintest synthetic 1+ (centre B 0.06-0.08, A 0.08-0.10). Stray hits
+      run) is membrane whose DAB averages at least 0.04 OD, far below the
+      faintest synthetic 1+ (0.13, both centres). Stray hits
       of the real 0 core read 0.05-0.08 as well: the cluster test below, not
       intensity, removes most of them.
     * ``cluster_min`` 3: a stained cell counts only with at least 2 other
@@ -111,11 +111,16 @@ class MembraneThresholds:
       a random 5 % of false hits rarely has two stained neighbours among
       ~8, real staining comes in patches. On the real 0 core it removed a
       third of the stained cells, on the 2+ ISH- core an eighth.
-    * ``moderate_min`` 0.14: weak-to-moderate vs faint: synthetic 1+ reads
-      <= 0.10, 2+ 0.20-0.23 (B) / 0.28-0.33 (A); real 2+ ISH- membranes
-      (0.22 raw peak) read ~0.17.
+    * ``moderate_min`` 0.17: weak-to-moderate vs faint: stained synthetic
+      1+ cells read 0.13-0.18 (5th-95th percentile, both centres), 2+
+      0.28-0.37; set low in that gap because the real 2+ ISH- core is called
+      1+ already (a higher cut-off would call fewer real 2+). On the real
+      cores 0.14 to 0.20 moves at most 1.8 points (2+ ISH+ core, 2+ to 1+).
+      It was 0.14 until grader 1.3, when stains were estimated relative to
+      255: the glass tint tilted the haematoxylin vector 10 degrees towards
+      DAB and synthetic membranes read 0.04-0.05 lower.
     * ``intense_min`` 0.45: intense vs weak-to-moderate: synthetic 2+
-      <= 0.33, 3+ 0.58-0.65 (B) / 0.76-0.86 (A). (QuPath's customary
+      <= 0.37, 3+ 0.70-0.90. (QuPath's customary
       cell-mean DAB cut-offs 0.2/0.4/0.6 are log10: 0.46/0.92/1.38 here.)
     * ``complete_min`` 0.85: "complete" (circumferential) share; ASCO/CAP
       means the whole ring, 0.85 tolerates boundary pixels lost at cell
@@ -184,8 +189,10 @@ class MembraneThresholds:
     Counterstain strength: ``h_reference`` 0.25 is the 90th percentile of
     tissue haematoxylin on the graded fields averaged over 8 um blocks (a
     thumbnail's view; :func:`counterstain_gain`) of the four real cores
-    (0.233-0.275 each; glass-relative OD, stains estimated on the fields),
-    the strength every cut-off above was calibrated at (as 0.24 on the slide
+    (0.233-0.275 each; glass-relative OD, stains estimated on the fields
+    relative to 255 as before grader 1.3; estimated relative to the glass
+    they read 0.25-0.29, gains 0.85-0.99), the strength every cut-off above
+    was calibrated at, so it stays (as 0.24 on the slide
     thumbnail before grader 1.2; measured on the fields because a writer's
     coarse levels are its own resampling and encoding). A slide's haematoxylin
     is multiplied by ``h_reference`` over its own figure, within
@@ -218,7 +225,7 @@ class MembraneThresholds:
     min_run_um: float = 5.0
     stained_min: float = 0.08
     faint_min: float = 0.04
-    moderate_min: float = 0.14
+    moderate_min: float = 0.17
     intense_min: float = 0.45
     complete_min: float = 0.85
     nucleus_area_um2: tuple[float, float] = (12.0, 200.0)
@@ -400,8 +407,12 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
 
     Parameters
     ----------
-    rgb : uint8 (H, W, 3) at ``mpp`` um/px (0.25-0.5). Pixels exactly
-        (255, 255, 255) are outside the image or slide and hold no cells.
+    rgb : uint8 (H, W, 3) at ``mpp`` um/px (0.25-0.5). White, including
+        the white a reader puts beyond the image (:func:`dicom_io.wsi.whiten_outside`),
+        is glass like the slide's own: a scanner that white-balances its glass
+        near 255 clips a third of a real core's field to pure white, and when
+        that was left out as "not image" the epithelium rule (below) no longer
+        saw those glass gaps, and the 1+ core gained 60 % more tumour cells.
     stains : (2, 3) unit OD rows (haematoxylin, DAB): the slide's matrix
         (:func:`worker.cell_grading.membrane_stains`); DAB stays on its absolute scale.
     glass : the slide's background RGB; optical density is relative to it
@@ -420,9 +431,7 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
     f = max(1, round(WORK_MPP / mpp))
     px_um = mpp * f
     rgb = np.asarray(rgb, np.uint8)
-    valid_full = (rgb < 255).any(axis=-1)
-    if tissue is not None:
-        valid_full &= np.asarray(tissue, bool)
+    valid_full = np.ones(rgb.shape[:2], bool) if tissue is None else np.asarray(tissue, bool)
     conc = _bin(stain_concentrations(rgb, stains, glass), f)
     conc[..., 0] *= np.float32(h_gain)
     valid = _bin(valid_full.astype(np.float32), f) > 0.5

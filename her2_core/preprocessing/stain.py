@@ -37,11 +37,18 @@ from her2_core.preprocessing.stain_table import OD_TABLE as _OD_TABLE
 OD_FIT_MIN = 0.15
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Beer-Lambert optical density (natural log) of uint8 RGB, same shape, float32."""
-    if rgb.dtype == np.uint8:
-        return _OD_TABLE[rgb]
-    return -np.log((rgb.astype(np.float32) + 1.0) / (I0 + 1.0))
+def optical_density(rgb: np.ndarray, glass: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Beer-Lambert optical density (natural log) of uint8 RGB, same shape, float32.
+
+    Relative to the illuminant :data:`I0`, or to ``glass``, the slide's own
+    background RGB (as :func:`stain_concentrations`): the light that reaches
+    the tissue is what passes the glass, so glass-relative OD does not move
+    with a scanner's white balance (a gain per channel).
+    """
+    od = _OD_TABLE[rgb] if rgb.dtype == np.uint8 else -np.log((rgb.astype(np.float32) + 1.0) / (I0 + 1.0))
+    if glass is None:
+        return od
+    return od + np.log((np.asarray(glass, np.float32) + 1.0) / (I0 + 1.0))
 
 
 def optical_density_sum(rgb: np.ndarray) -> np.ndarray:
@@ -64,8 +71,8 @@ def stain_concentrations(rgb: np.ndarray, matrix: np.ndarray, glass: tuple[float
     into false stain); ``None`` means the illuminant :data:`I0`. No H scaling:
     the caller gets the slide's own optical densities.
     """
-    ref = np.full(3, I0, np.float32) if glass is None else np.asarray(glass, np.float32)
-    tables = _OD_TABLE[:, None] + np.log((ref + 1.0) / (I0 + 1.0))[None, :]  # (256, 3) glass-relative OD
+    grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    tables = optical_density(grey, glass)  # (256, 3): each channel's OD at each grey level
     pinv = np.linalg.pinv(np.asarray(matrix, np.float32)).astype(np.float32)  # (3, 2)
     rgb = np.asarray(rgb, np.uint8)
     conc = sum(tables[rgb[..., c], c][..., None] * pinv[c] for c in range(3))
