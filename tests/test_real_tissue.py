@@ -161,11 +161,11 @@ def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(la
 
 
 #: Issue 12, grader 1.3: the most a class percentage may move when a real core's glass is white-balanced to another
-#: scanner's. Measured through our writer: 1.1 points (2+ ISH-, bright) and 4.1 (1+, bluish: its brightest glass
-#: already reads 255 in blue, and clipped light is not scaled). Grader 1.2 (stains estimated relative to 255, a fixed
-#: white level, pure white left out as "not image") failed both: 2+ ISH- 17.2 -> 6.6 % 1+ cells, called 0 (ultralow);
-#: 1+ 41.9 -> 67.6 % 1+ cells.
-WHITE_BALANCE_POINTS = 5.0
+#: scanner's, as across writers. Measured through our writer: 0.85 points (2+ ISH-, bright glass) and 1.1 (1+,
+#: bluish). Grader 1.2 (stains estimated relative to 255, a fixed white level, pure white left out as "not image")
+#: failed both: 2+ ISH- 17.2 -> 6.6 % 1+ cells, called 0 (ultralow); 1+ 41.9 -> 67.6 % 1+ cells. Grader 1.3 before
+#: OD was clipped at 0 moved the 1+ core 4.1 points (the reader's white beyond the image unmixed into DAB).
+WHITE_BALANCE_POINTS = 2.0
 
 
 @pytest.mark.parametrize(("label", "glass"), [("2+ISH-", (252, 250, 253)), ("1+", (222, 226, 244))])
@@ -204,7 +204,7 @@ def test_a_scanners_white_balance_keeps_the_call_and_the_percentages(label: str,
     assert result.score.call == reference.score.call, (percentages, expected)
     assert percentages == pytest.approx(expected, abs=WHITE_BALANCE_POINTS)
     cells, reference_cells = result.cells.summary.tumour_cells, reference.cells.summary.tumour_cells
-    assert 0.8 * reference_cells <= cells <= 1.25 * reference_cells, (cells, reference_cells)
+    assert 0.9 * reference_cells <= cells <= 1.1 * reference_cells, (cells, reference_cells)
 
 
 def test_model_card_real_tissue_figures_are_the_bundled_cnns(scored: dict[str, dict]) -> None:

@@ -70,9 +70,15 @@ def stain_concentrations(rgb: np.ndarray, matrix: np.ndarray, glass: tuple[float
     every pixel, glass included, carries ~0.09 OD per channel that unmixes
     into false stain); ``None`` means the illuminant :data:`I0`. No H scaling:
     the caller gets the slide's own optical densities.
+
+    A channel brighter than the glass (sensor noise, light clipped at 255,
+    the white a reader puts beyond the image) absorbs nothing: its OD is 0,
+    not negative. Negative OD does not unmix to zero: relative to real glass
+    pure white reads 0.025 DAB, relative to bluish glass (222, 226, 244)
+    0.055, above the membrane grader's tissue level (0.04).
     """
     grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-    tables = optical_density(grey, glass)  # (256, 3): each channel's OD at each grey level
+    tables = np.maximum(optical_density(grey, glass), 0.0)  # (256, 3): each channel's OD at each grey level
     pinv = np.linalg.pinv(np.asarray(matrix, np.float32)).astype(np.float32)  # (3, 2)
     rgb = np.asarray(rgb, np.uint8)
     conc = sum(tables[rgb[..., c], c][..., None] * pinv[c] for c in range(3))
