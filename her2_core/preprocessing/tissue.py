@@ -33,28 +33,30 @@ MAX_TISSUE_THRESHOLD = 0.076
 #: Grey levels around the background's median that count as glass in :func:`glass_colour` (its noise on a thumbnail
 #: is about 1).
 GLASS_PEAK = 4.0
-#: :func:`glass_od`: the glass is the median of the pixels within ``GLASS_BAND_OD`` of the ``GLASS_PERCENTILE``-th
-#: percentile of OD; a result darker than ``GLASS_OD_MAX`` (about (212, 212, 212)) is not glass (a thumbnail filled
-#: with tissue) and the reference glass is taken.
-GLASS_PERCENTILE = 2.0
-GLASS_BAND_OD = 0.03
+#: :func:`glass_od`: the glass is the most common optical density (sum over RGB, histogram bins of ``GLASS_BIN_OD``)
+#: no darker than ``GLASS_OD_MAX`` (about (212, 212, 212)), refined to the median of the pixels within
+#: ``GLASS_BIN_OD`` of it; a thumbnail where that bin holds under ``GLASS_SHARE_MIN`` of the pixels shows no glass.
+GLASS_BIN_OD = 0.02
 GLASS_OD_MAX = 0.55
+GLASS_SHARE_MIN = 0.02
 
 
 def glass_od(od: np.ndarray) -> float:
     """The optical density (sum over RGB, relative to 255) of a thumbnail's glass, from its OD sums ``od``.
 
-    Glass is the palest common colour of a slide: the median of the pixels near
-    the palest few percent. A thumbnail without glass (tissue to the edges)
-    would give pale tissue; darker than :data:`GLASS_OD_MAX` it is taken as
-    that and :data:`REFERENCE_GLASS` is used.
+    Glass is the commonest pale colour of a slide: one sharp peak of the OD
+    histogram, where tissue spreads. The commonest, not the palest: a
+    reader's white beyond the image (a thumbnail's edge strip, 1-2 % of it
+    on a small core) is paler than any glass. Without a peak paler than
+    :data:`GLASS_OD_MAX` holding :data:`GLASS_SHARE_MIN` of the pixels (tissue
+    to the edges) :data:`REFERENCE_GLASS` is used.
     """
     reference = float(optical_density_sum(np.asarray(REFERENCE_GLASS, np.uint8)))
-    if od.size == 0:
+    counts, edges = np.histogram(od, bins=round(GLASS_OD_MAX / GLASS_BIN_OD), range=(0.0, GLASS_OD_MAX))
+    if od.size == 0 or counts.max() < GLASS_SHARE_MIN * od.size:
         return reference
-    low = od[od <= np.percentile(od, GLASS_PERCENTILE) + GLASS_BAND_OD]
-    glass = float(np.median(low))
-    return glass if glass <= GLASS_OD_MAX else reference
+    peak = 0.5 * (edges[counts.argmax()] + edges[counts.argmax() + 1])
+    return float(np.median(od[np.abs(od - peak) <= GLASS_BIN_OD]))
 
 
 def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
