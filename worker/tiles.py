@@ -30,7 +30,6 @@ from her2_core.preprocessing import (
     StainReference,
     candidate_tiles,
     fit_stains,
-    glass_colour,
     grid_for_level,
     tissue_mask,
     white_fraction,
@@ -46,12 +45,11 @@ SHARPNESS_TILES = 32
 
 @dataclass
 class SlideSurvey:
-    """The whole slide at low resolution: thumbnail, its spacing, tissue mask and glass RGB (None: no glass seen)."""
+    """The whole slide at low resolution: thumbnail, its spacing and tissue mask."""
 
     thumbnail: np.ndarray
     thumbnail_mpp: float
     mask: np.ndarray
-    glass: tuple[float, float, float] | None
 
 
 @dataclass
@@ -98,11 +96,9 @@ class TileBatch:
 
 
 def survey_slide(slide: Slide) -> SlideSurvey:
-    """Thumbnail at :data:`THUMBNAIL_MPP`, its tissue mask and the slide's glass (what "white" and optical
-    density are relative to)."""
+    """Thumbnail at :data:`THUMBNAIL_MPP` and its tissue mask."""
     thumbnail, thumbnail_mpp = slide.thumbnail(THUMBNAIL_MPP)
-    mask = tissue_mask(thumbnail)
-    return SlideSurvey(thumbnail, thumbnail_mpp, mask, glass_colour(thumbnail, mask))
+    return SlideSurvey(thumbnail, thumbnail_mpp, tissue_mask(thumbnail))
 
 
 def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
@@ -172,7 +168,7 @@ def _prepare_tile(prepared: PreparedSlide, pos: Position, white_fraction_max: fl
         tile = prepared.take(pos)
     except CorruptTileError:
         return None
-    white = float(white_fraction(tile, prepared.survey.glass))
+    white = float(white_fraction(tile))
     if white > white_fraction_max:
         return None, white, np.nan
     tile = prepared.normaliser(tile)
