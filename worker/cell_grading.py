@@ -142,8 +142,7 @@ def membrane_stains(fields: list[np.ndarray], fallback: np.ndarray,
     3 (centre A) and 9 (centre B) degrees from the reference it read 13-15,
     glass-relative 3-3.5 and 9-9.3; and a scanner's white balance moved it,
     which moved the real cores' cell percentages (see :func:`grade_membranes`).
-    ``fallback`` when the fields hold too few
-    stained pixels.
+    ``fallback`` when the fields hold too few stained pixels.
     """
     if not fields:
         return fallback
