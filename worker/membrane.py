@@ -431,10 +431,9 @@ def grade_cells_detail(rgb: np.ndarray, mpp: float, stains: np.ndarray,
     f = max(1, round(WORK_MPP / mpp))
     px_um = mpp * f
     rgb = np.asarray(rgb, np.uint8)
-    valid_full = np.ones(rgb.shape[:2], bool) if tissue is None else np.asarray(tissue, bool)
     conc = _bin(stain_concentrations(rgb, stains, glass), f)
     conc[..., 0] *= np.float32(h_gain)
-    valid = _bin(valid_full.astype(np.float32), f) > 0.5
+    valid = np.ones(conc.shape[:2], bool) if tissue is None else _bin(np.asarray(tissue, np.float32), f) > 0.5
     h = conc[..., 0]
     # Both stains smoothed alike at dab_sigma_um (about a real membrane's width: noise down, the DAB
     # of a line kept; with the block mean, the blur of a 0.6 um Gaussian): DAB for the membranes,
