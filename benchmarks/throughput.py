@@ -238,13 +238,15 @@ def membrane_fields(n: int) -> tuple[np.ndarray, tuple[float, float, float]]:
     """``n`` 1024 px fields from the middle of the real cores (round robin), and their glass colour."""
     from PIL import Image
 
+    from her2_core.preprocessing.tissue import REFERENCE_GLASS
+
     cores = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(REAL_CORES.glob("*.jpg"))]
     corners = [(2048, 2048), (1024, 2048), (2048, 1024), (3072, 2048), (2048, 3072)]  # inside every core
     fields = []
     for i in range(n):
         x, y = corners[(i // len(cores)) % len(corners)]
         fields.append(cores[i % len(cores)][y : y + 1024, x : x + 1024])
-    return np.stack(fields), (233.0, 232.0, 240.0)  # the cores' glass (her2_core.preprocessing.tissue.glass_colour)
+    return np.stack(fields), REFERENCE_GLASS  # the cores' glass
 
 
 def membrane_rate(n: int, min_seconds: float) -> Rate:

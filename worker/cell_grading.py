@@ -31,7 +31,6 @@ from dicom_io.wsi import LevelInfo, Slide, TileSource
 from her2_core.aggregate import SlideCall, asco_cap_call
 from her2_core.preprocessing import white_fraction
 from her2_core.preprocessing.stain import estimate_stain_vectors, optical_density
-from her2_core.preprocessing.tissue import glass_colour
 from worker.membrane import (
     CellTable,
     MembraneSummary,
@@ -58,9 +57,6 @@ MEMBRANE_GRADER_VERSION = "1.3"
 #: on the edge of it: at 0.8 a field of the real 2+ ISH+ core read 0.7999 through one writer and 0.8000 through
 #: another, and its 400 tumour cells were counted in one only.
 FIELD_WHITE_MAX = 0.98
-#: Glass-relative optical density below which a pixel is background (:func:`background_fraction`): the CNN's white
-#: level (220) on the calibration cores' glass (~233), ln(234 / 221).
-BACKGROUND_OD = 0.057
 #: Fields are resampled from the finest level at least this coarse (um/px): a 40x scan's base (0.25), not an 80x one.
 SOURCE_MPP_MIN = 0.2
 #: Fields (spread over the slide) the membrane grader's stain estimate is made on.
@@ -174,21 +170,6 @@ class FieldCalibration:
         return grade_cells(rgb, mpp, self.stains, thresholds, glass=self.glass, h_gain=self.h_gain)
 
 
-def background_fraction(rgb: np.ndarray, glass: tuple[float, float, float] | None) -> float:
-    """Share of ``rgb``'s pixels that are glass: within :data:`BACKGROUND_OD` of ``glass`` in every channel.
-
-    Relative to the slide's glass, so a scanner that white-balances its glass
-    brighter does not turn pale tissue into background (with the CNN's fixed
-    :data:`~her2_core.preprocessing.tiling.WHITE_LEVEL` a real core whose
-    glass was brought from 234 to 252 lost half its fields). Without a
-    measured glass, :func:`her2_core.preprocessing.white_fraction`.
-    """
-    if glass is None:
-        return float(white_fraction(rgb))
-    od = optical_density(np.asarray(rgb, np.uint8), glass)
-    return float(np.count_nonzero(od.max(axis=-1) < BACKGROUND_OD) / (od.shape[0] * od.shape[1]))
-
-
 def field_positions(prepared: PreparedSlide, level: LevelInfo, max_fields: int) -> list[Position]:
     """Fields (row, col) of :data:`FIELD_PX` on ``level`` under the prepared slide's tissue tiles, spread evenly.
 
@@ -214,7 +195,7 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
     counterstain gain (:func:`worker.membrane.counterstain_gain`) are
     estimated on :data:`STAIN_FIELDS` of the fields, spread over the slide
     (:class:`FieldCalibration`). Every measure is glass-relative (fields kept
-    by :func:`background_fraction`), so a scanner's white balance does not
+    by :func:`her2_core.preprocessing.white_fraction` on the slide's glass), so a scanner's white balance does not
     move the grade. Measured on the real cores with each channel scaled so
     that their glass reads (252, 250, 253), (246, 244, 250), (245, 236, 222)
     or (222, 226, 244) instead of about (234, 233, 240): before grader 1.3
@@ -236,15 +217,14 @@ def grade_membranes(slide: Slide, prepared: PreparedSlide, thresholds: MembraneT
     level, read = source.level, source.read
     positions = field_positions(prepared, level, max_fields)
 
-    survey = prepared.survey
-    glass = glass_colour(survey.thumbnail, survey.mask)
+    glass = prepared.survey.glass
 
     def fetch(pos: Position) -> np.ndarray | None:
         try:
             rgb = read(*pos)
         except CorruptTileError:
             return None
-        return None if background_fraction(rgb, glass) > FIELD_WHITE_MAX else rgb
+        return None if white_fraction(rgb, glass) > FIELD_WHITE_MAX else rgb
 
     tables: list[CellTable] = []
     tumour: list[CellTable] = []

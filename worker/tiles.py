@@ -30,6 +30,7 @@ from her2_core.preprocessing import (
     StainReference,
     candidate_tiles,
     fit_stains,
+    glass_colour,
     grid_for_level,
     tissue_mask,
     white_fraction,
@@ -45,11 +46,12 @@ SHARPNESS_TILES = 32
 
 @dataclass
 class SlideSurvey:
-    """The whole slide at low resolution: thumbnail, its spacing and tissue mask."""
+    """The whole slide at low resolution: thumbnail, its spacing, tissue mask and glass RGB (None: no glass seen)."""
 
     thumbnail: np.ndarray
     thumbnail_mpp: float
     mask: np.ndarray
+    glass: tuple[float, float, float] | None
 
 
 @dataclass
@@ -96,9 +98,11 @@ class TileBatch:
 
 
 def survey_slide(slide: Slide) -> SlideSurvey:
-    """Thumbnail at :data:`THUMBNAIL_MPP` and its tissue mask."""
+    """Thumbnail at :data:`THUMBNAIL_MPP`, its tissue mask and the slide's glass (what "white" and optical
+    density are relative to)."""
     thumbnail, thumbnail_mpp = slide.thumbnail(THUMBNAIL_MPP)
-    return SlideSurvey(thumbnail, thumbnail_mpp, tissue_mask(thumbnail))
+    mask = tissue_mask(thumbnail)
+    return SlideSurvey(thumbnail, thumbnail_mpp, mask, glass_colour(thumbnail, mask))
 
 
 def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
@@ -168,7 +172,7 @@ def _prepare_tile(prepared: PreparedSlide, pos: Position, white_fraction_max: fl
         tile = prepared.take(pos)
     except CorruptTileError:
         return None
-    white = float(white_fraction(tile))
+    white = float(white_fraction(tile, prepared.survey.glass))
     if white > white_fraction_max:
         return None, white, np.nan
     tile = prepared.normaliser(tile)

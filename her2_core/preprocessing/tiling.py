@@ -7,8 +7,10 @@ import math
 import numpy as np
 
 from her2_core.aggregate import TileGrid
+from her2_core.preprocessing.tissue import REFERENCE_GLASS
 
-#: A pixel is background ("white") when all three channels are at least this bright.
+#: A pixel is background ("white") when all three channels are at least this bright, on glass that reads
+#: :data:`~her2_core.preprocessing.tissue.REFERENCE_GLASS` (scaled to a slide's own glass: :func:`white_fraction`).
 WHITE_LEVEL = 220
 
 
@@ -45,7 +47,25 @@ def candidate_tiles(mask: np.ndarray, grid: TileGrid, min_coverage: float = 0.02
     return out
 
 
-def white_fraction(tiles: np.ndarray) -> np.ndarray:
-    """Fraction of white background pixels per tile; ``tiles`` is (..., H, W, 3) uint8."""
-    white = np.minimum(np.minimum(tiles[..., 0], tiles[..., 1]), tiles[..., 2]) >= WHITE_LEVEL
+def white_levels(glass: tuple[float, float, float] | None) -> tuple[int, int, int]:
+    """Per-channel background levels on a slide whose glass reads ``glass``: :data:`WHITE_LEVEL` times the glass over
+    the reference glass (a scanner's white balance is a gain per channel); :data:`WHITE_LEVEL` without a glass."""
+    if glass is None:
+        return WHITE_LEVEL, WHITE_LEVEL, WHITE_LEVEL
+    r, g, b = (min(255, round(WHITE_LEVEL * (c + 1.0) / (ref + 1.0))) for c, ref in zip(glass, REFERENCE_GLASS))
+    return r, g, b
+
+
+def white_fraction(tiles: np.ndarray, glass: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Fraction of white background (glass) pixels per tile; ``tiles`` is (..., H, W, 3) uint8.
+
+    A pixel is background when every channel reaches :func:`white_levels` of
+    the slide's ``glass``: a fixed level let a scanner with darker glass
+    (215, 215, 225) send glass tiles to the CNN and to blur QC.
+    """
+    levels = white_levels(glass)
+    if levels[0] == levels[1] == levels[2]:
+        white = np.minimum(np.minimum(tiles[..., 0], tiles[..., 1]), tiles[..., 2]) >= levels[0]
+    else:
+        white = (tiles[..., 0] >= levels[0]) & (tiles[..., 1] >= levels[1]) & (tiles[..., 2] >= levels[2])
     return np.count_nonzero(white, axis=(-2, -1)) / (white.shape[-2] * white.shape[-1])
