@@ -7,7 +7,7 @@ import pytest
 
 from dicom_io.wsi import open_slide
 from her2_core.aggregate import SlideCall
-from her2_core.preprocessing import REFERENCE, fit_stains, optical_density, tissue_mask
+from her2_core.preprocessing import REFERENCE, fit_stains, glass_colour, optical_density, tissue_mask
 from her2_synthetic.dicom import write_synthetic_slide
 from her2_synthetic.render import SlideSpec, render_region, render_thumbnail
 from model_training.slide_tiles import synthetic_slide_tiles
@@ -146,6 +146,18 @@ def test_stain_too_faint_to_estimate_is_flagged():
     assert report.not_assessable == []
     assert report.flags == ["QC: stain outside the training distribution (haematoxylin colour or amount not "
                             "estimable: stain too faint or off-colour)"]
+
+
+def test_glass_beside_pale_even_tissue_is_the_glass():
+    """A core filling three quarters of the thumbnail with pale, even tissue (textured synthetic HER2 0): the glass
+    found is the slide's own glass. With fixed histogram bins its peak fell on a bin edge, the tissue's bin won, and
+    the tissue was taken for glass (glass read (209, 209, 228) instead of about (232, 234, 241), and the membrane
+    grader found no tumour cell)."""
+    spec = SlideSpec(seed=5, width_um=1024, height_um=1024, class_mix={"0": 1.0}, tumour_fraction=1.0, textured=True)
+    thumb = render_thumbnail(spec)
+    mask = tissue_mask(thumb)
+    assert 0.6 < mask.mean() < 0.9
+    assert glass_colour(thumb, mask) == pytest.approx(tuple(spec.layout.glass), abs=2.0)
 
 
 def test_empty_glass_has_no_tissue():
