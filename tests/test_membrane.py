@@ -82,16 +82,20 @@ def test_synthetic_cells_at_half_micron(centre, cls):
     assert m["recall"] >= 0.9 and m["precision"] >= 0.9 and m["agreement"] >= 0.85, m
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 12): on the textured generator the counterstain gain "
-                   "lifts the granular cytoplasm and cell outlines into false nuclei")
+@pytest.mark.xfail(strict=True, reason="known gap (issue 12): the textured generator's haematoxylin cell outlines "
+                   "meet in nucleus-like blobs at cell junctions, which the grader takes for tumour nuclei")
 @pytest.mark.parametrize(("centre", "cls"), [("A", "1+"), ("B", "2+")])
 def test_textured_tissue_known_gap(centre, cls):
-    """Nucleus precision on textured synthetic fields is about 0.7 (recall 0.96-0.98, class agreement 0.85-0.98).
+    """Nucleus precision on textured synthetic fields is about 0.7 (recall 0.97-0.98, class agreement 0.87-0.98).
 
-    Measured in session 21 (with the former gain-free test path the nuclei were found, but the 1+ / 2+ DAB was
-    lost to a haematoxylin estimate tilted towards the glass tint); the membrane grader's
-    slide calls on 8 fresh textured centre-B slides were all right (QWK 1.0). Strict: it fails loudly once the
-    grader or the generator is fixed, and the textured generator can become the default.
+    Measured in session 23: the false nuclei (130-170 per 256 um field, beside ~356 true ones) sit where three cell
+    outlines meet (outline peak H 0.17 on a 0.035-0.06 cytoplasm). Against the true nuclei, p5-p95: H 0.24-0.30 vs
+    0.33-0.45, contrast over a 1 um ring 1.6-2.2 vs 2.3-4.7, area 13-44 vs 24-47 um2. Real nuclei are no more
+    contrasted (``nucleus_contrast`` 2.0 drops 57-66 % of the real 0 and 1+ cores' tumour cells), so this is for the
+    generator to mend (its outlines stand in for real fine detail for QC sharpness; they were not measured on real
+    tissue), not a cut-off to tighten. The membrane grader's slide
+    calls on 8 fresh textured centre-B slides were all right (QWK 1.0, session 21). Strict: it fails loudly once
+    the grader or the generator is fixed, and the textured generator can become the default.
     """
     m, _ = _synthetic(centre, cls, textured=True)
     assert m["recall"] >= 0.9 and m["precision"] >= 0.9 and m["agreement"] >= 0.85, m
