@@ -77,9 +77,17 @@ CHROMATIN_STEP_UM = 0.8
 #: Granular texture of cytoplasm and stroma: value-noise step (um) and relative amplitude (+-).
 GRAIN_STEP_UM = 2.0
 GRAIN_AMPLITUDE = 1.0
-#: Haematoxylin cell outline at every tumour-cell boundary: peak OD and Gaussian SD (um).
+#: Haematoxylin cell outline at every tumour-cell boundary: peak OD and Gaussian SD (um), faded out within
+#: ``OUTLINE_FADE_UM`` of where three cells meet: full outlines met there in nucleus-like blobs (H 0.24-0.30 after the
+#: grader's smoothing, 13-44 um2) that the membrane grader took for tumour nuclei (nucleus precision 0.62-0.74); real
+#: tissue has nothing like them.
 OUTLINE_H = 0.17
 OUTLINE_SIGMA_UM = 0.5
+OUTLINE_FADE_UM = 1.5
+#: A nucleolus in every textured tumour nucleus (as in the real cores): H added and radius range (um); it keeps the
+#: QC sharpness of a textured HER2 0 slide where the faded outlines lost some.
+NUCLEOLUS_H = 0.25
+NUCLEOLUS_RADIUS_UM = (0.5, 0.8)
 #: Exponent that narrows the stromal fibres (1: a plain sine; higher: thin fibres with pale gaps between them).
 FIBRE_SHARPNESS = 4.0
 
@@ -285,11 +293,11 @@ class _Layout:
         return tissue, tumour, cls
 
 
-def _nearest_two(seed: int, x: np.ndarray, y: np.ndarray, spacing: float, salt: int):
-    """Nearest and second-nearest jittered lattice points: (i, j, dx, dy, d1, d2)."""
+def _nearest(seed: int, x: np.ndarray, y: np.ndarray, spacing: float, salt: int):
+    """Nearest jittered lattice point and the distances to the nearest three: (i, j, dx, dy, d1, d2, d3)."""
     gi = np.floor(x / spacing).astype(np.int64)
     gj = np.floor(y / spacing).astype(np.int64)
-    best = [np.full(x.shape, np.inf), np.full(x.shape, np.inf)]
+    best = [np.full(x.shape, np.inf) for _ in range(3)]
     bi = np.zeros(x.shape, np.int64)
     bj = np.zeros(x.shape, np.int64)
     bdx = np.zeros(x.shape)
@@ -302,14 +310,14 @@ def _nearest_two(seed: int, x: np.ndarray, y: np.ndarray, spacing: float, salt: 
             dx, dy = x - cx, y - cy
             d = np.hypot(dx, dy)
             closer = d < best[0]
-            second = np.where(closer, best[0], np.minimum(best[1], d))
-            best[1] = second
+            best[2] = np.where(d < best[1], best[1], np.minimum(best[2], d))
+            best[1] = np.where(closer, best[0], np.minimum(best[1], d))
             best[0] = np.where(closer, d, best[0])
             bi = np.where(closer, i, bi)
             bj = np.where(closer, j, bj)
             bdx = np.where(closer, dx, bdx)
             bdy = np.where(closer, dy, bdy)
-    return bi, bj, bdx, bdy, best[0], best[1]
+    return bi, bj, bdx, bdy, best[0], best[1], best[2]
 
 
 def _value_noise(seed: int, x: np.ndarray, y: np.ndarray, step: float, salt: int) -> np.ndarray:
@@ -337,7 +345,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     tissue, tumour, cls = layout.labels(x, y)
 
     # Tumour cells: Voronoi of a jittered lattice.
-    ci, cj, dx, dy, d1, d2 = _nearest_two(spec.seed, x, y, CELL_SPACING_UM, salt=11)
+    ci, cj, dx, dy, d1, d2, d3 = _nearest(spec.seed, x, y, CELL_SPACING_UM, salt=11)
     gap = (d2 - d1) / 2.0  # approximate distance to the cell boundary
     rnd = lambda salt: _hash01(spec.seed, ci, cj, salt)
     # Semi-axes nuc_r / (1 -+ 0.23): 2.1-2.6 x 3.4-4.2 um (real median axes ~7.5 x 4.6 um).
@@ -375,13 +383,19 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
         grain = 1.0 + 2.0 * GRAIN_AMPLITUDE * (_value_noise(spec.seed, x, y, GRAIN_STEP_UM, 44) - 0.5)
         cytoplasm = (0.035 + 0.025 * rnd(43)) * grain
         outline = OUTLINE_H * np.exp(-0.5 * (gap / np.hypot(OUTLINE_SIGMA_UM, 0.5 * mpp)) ** 2)
+        outline *= np.clip((d3 - d2) / 2.0 / OUTLINE_FADE_UM, 0.0, 1.0) ** 2  # (d3 - d2) / 2: how far from a corner
         cytoplasm = cytoplasm + outline * (1.0 - nucleus)
     else:
         cytoplasm = 0.07 + 0.03 * rnd(43)
-    h_tumour = cytoplasm + (0.32 * (0.85 + 0.30 * rnd(41)) * chromatin - cytoplasm) * nucleus
+    h_nucleus = 0.32 * (0.85 + 0.30 * rnd(41)) * chromatin
+    if spec.textured:
+        phi, off = 6.283185 * rnd(23), 0.35 * nuc_r * rnd(24)
+        radius = NUCLEOLUS_RADIUS_UM[0] + (NUCLEOLUS_RADIUS_UM[1] - NUCLEOLUS_RADIUS_UM[0]) * rnd(25)
+        h_nucleus = h_nucleus + NUCLEOLUS_H * _soft_edge(np.hypot(dx - off * np.cos(phi), dy - off * np.sin(phi)) - radius, mpp)
+    h_tumour = cytoplasm + (h_nucleus - cytoplasm) * nucleus
 
     # Stroma: pale fibres and sparse elongated fibroblast nuclei (gaps: see _Layout.labels).
-    si, sj, sdx, sdy, _, _ = _nearest_two(spec.seed, x, y, STROMA_SPACING_UM, salt=51)
+    si, sj, sdx, sdy, _, _, _ = _nearest(spec.seed, x, y, STROMA_SPACING_UM, salt=51)
     present = _hash01(spec.seed, si, sj, 52) < 0.35
     theta = 3.14159 * _hash01(spec.seed, si, sj, 53)
     u = sdx * np.cos(theta) + sdy * np.sin(theta)
@@ -396,7 +410,7 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     h_stroma = h_fibres + (0.30 * chromatin - h_fibres) * fib_nucleus
 
     # Brown false hits: grey-brown discs ~7 um across (red cells, pigment), H above DAB, in any tissue.
-    fi, fj, _, _, f1, _ = _nearest_two(spec.seed, x, y, FALSE_HIT_SPACING_UM, salt=61)
+    fi, fj, _, _, f1, _, _ = _nearest(spec.seed, x, y, FALSE_HIT_SPACING_UM, salt=61)
     hit = tissue * (_hash01(spec.seed, fi, fj, 62) < FALSE_HIT_SHARE) * _soft_edge(
         f1 - (3.0 + 0.8 * _hash01(spec.seed, fi, fj, 63)), mpp)
     h_hit = 0.45 + 0.15 * _hash01(spec.seed, fi, fj, 64)
@@ -450,7 +464,7 @@ def region_cells(spec: SlideSpec, x_um: float, y_um: float, width_um: float, hei
     """Ground truth per cell for the region whose top-left corner is (x_um, y_um): what a cell grader is scored on.
 
     Reuses the lattice and per-cell random values of :func:`render_region`
-    (cell centres of :func:`_nearest_two` with salt 11, staining draws 31/32),
+    (cell centres of :func:`_nearest` with salt 11, staining draws 31/32),
     so it cannot drift from what is drawn.
     """
     s = CELL_SPACING_UM

