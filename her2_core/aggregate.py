@@ -95,13 +95,16 @@ def class_percentages(probabilities: np.ndarray, tumour_fraction: np.ndarray) ->
     """Tumour-area percentage of each class, from per-tile probabilities.
 
     ``probabilities`` is (n, 4), ``tumour_fraction`` (n,). Returns zeros when
-    there is no tumour at all.
+    there is no tumour at all. Every percentage is within 0..100 exactly: the
+    total is the sum of the per-class sums (in float64), never less than any
+    of them. (Summed separately in float32, a slide graded 3+ everywhere read
+    100.0000085 % 3+, and its SR was refused as out of range.)
     """
-    weights = probabilities * tumour_fraction[:, None]
-    total = float(weights.sum())
+    per_class = (np.asarray(probabilities, np.float64) * np.asarray(tumour_fraction, np.float64)[:, None]).sum(axis=0)
+    total = float(per_class.sum())
     if total <= 0:
         return {c: 0.0 for c in CLASSES}
-    return {c: 100.0 * float(weights[:, i].sum()) / total for i, c in enumerate(CLASSES)}
+    return {c: 100.0 * float(per_class[i]) / total for i, c in enumerate(CLASSES)}
 
 
 def asco_cap_call(percentages: dict[str, float], evidence_floor: float = 0.0) -> SlideCall:
