@@ -79,8 +79,8 @@ GRAIN_STEP_UM = 2.0
 GRAIN_AMPLITUDE = 1.0
 #: Haematoxylin cell outline at every tumour-cell boundary: peak OD and Gaussian SD (um), faded out within
 #: ``OUTLINE_FADE_UM`` of where three cells meet: full outlines met there in nucleus-like blobs (H 0.24-0.30 after the
-#: grader's smoothing, 13-44 um2) that the membrane grader took for tumour nuclei (nucleus precision 0.62-0.74); real
-#: tissue has nothing like them.
+#: grader's smoothing, 13-44 um2) that the membrane grader took for tumour nuclei (nucleus precision 0.62-0.74); the
+#: real HER2 0 core shows no haematoxylin cell outlines at all (the outline stands in for fine detail, see the docs).
 OUTLINE_H = 0.17
 OUTLINE_SIGMA_UM = 0.5
 OUTLINE_FADE_UM = 1.5
