@@ -379,19 +379,19 @@ def render_region(spec: SlideSpec, x_um: float, y_um: float, width_px: int, heig
     # (value noise every GRAIN_STEP_UM, +-GRAIN_AMPLITUDE) and a haematoxylin cell outline at every cell
     # boundary, so that edges alone say nothing about DAB (docs/training.md, "texture").
     # Off by default: the bundled CNN was trained without it (docs/training.md, "Texture diagnosis").
+    h_nucleus = 0.32 * (0.85 + 0.30 * rnd(41)) * chromatin
     if spec.textured:
         grain = 1.0 + 2.0 * GRAIN_AMPLITUDE * (_value_noise(spec.seed, x, y, GRAIN_STEP_UM, 44) - 0.5)
         cytoplasm = (0.035 + 0.025 * rnd(43)) * grain
         outline = OUTLINE_H * np.exp(-0.5 * (gap / np.hypot(OUTLINE_SIGMA_UM, 0.5 * mpp)) ** 2)
         outline *= np.clip((d3 - d2) / 2.0 / OUTLINE_FADE_UM, 0.0, 1.0) ** 2  # (d3 - d2) / 2: how far from a corner
         cytoplasm = cytoplasm + outline * (1.0 - nucleus)
-    else:
-        cytoplasm = 0.07 + 0.03 * rnd(43)
-    h_nucleus = 0.32 * (0.85 + 0.30 * rnd(41)) * chromatin
-    if spec.textured:
         phi, off = 6.283185 * rnd(23), 0.35 * nuc_r * rnd(24)
         radius = NUCLEOLUS_RADIUS_UM[0] + (NUCLEOLUS_RADIUS_UM[1] - NUCLEOLUS_RADIUS_UM[0]) * rnd(25)
-        h_nucleus = h_nucleus + NUCLEOLUS_H * _soft_edge(np.hypot(dx - off * np.cos(phi), dy - off * np.sin(phi)) - radius, mpp)
+        nucleolus = _soft_edge(np.hypot(dx - off * np.cos(phi), dy - off * np.sin(phi)) - radius, mpp)
+        h_nucleus = h_nucleus + NUCLEOLUS_H * nucleolus
+    else:
+        cytoplasm = 0.07 + 0.03 * rnd(43)
     h_tumour = cytoplasm + (h_nucleus - cytoplasm) * nucleus
 
     # Stroma: pale fibres and sparse elongated fibroblast nuclei (gaps: see _Layout.labels).
