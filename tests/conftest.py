@@ -8,7 +8,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from her2_synthetic.dicom import write_synthetic_slide
 from her2_synthetic.render import SlideSpec
@@ -53,6 +55,18 @@ def real_core_label(score: str, ish: str) -> str:
     return f"{score}ISH{'+' if ish == 'positive' else '-'}" if score == "2+" else score
 
 
+def real_core_jpegs() -> dict[str, Path]:
+    """The four real cores' JPEG files by label ("0", "1+", "2+ISH-", "2+ISH+"), from labels.csv."""
+    with open(REAL_HER2 / "labels.csv", newline="") as fh:
+        return {real_core_label(row["ihc_score"], row["ish_status"]): REAL_HER2 / row["filename"]
+                for row in csv.DictReader(fh)}
+
+
+def real_core_rgb(label: str) -> np.ndarray:
+    """One real core's pixels as an RGB uint8 array (H, W, 3)."""
+    return np.asarray(Image.open(real_core_jpegs()[label]).convert("RGB"))
+
+
 def _convert_core(jpeg: Path, label: str, key: str) -> Path:
     """The DICOM series of one core, converted by wsidicomizer once and cached under :data:`CACHE`."""
     import numpy as np
@@ -94,11 +108,8 @@ def real_cores() -> dict[str, Path]:
         pytest.skip(f"no wsidicomizer environment at {CONVERT_PYTHON} (bash deploy/install.sh --dev)")
     converter = wsidicomizer_version()
     cores = {}
-    with open(REAL_HER2 / "labels.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            jpeg = REAL_HER2 / row["filename"]
-            digest = hashlib.sha256(jpeg.read_bytes()).hexdigest()[:16]
-            key = f"{digest}-wsidicomizer{converter}-{REAL_CORE_MPP}-{REAL_CORE_TILE}-{len(REAL_CORE_DOWNSAMPLES)}"
-            label = real_core_label(row["ihc_score"], row["ish_status"])
-            cores[label] = _convert_core(jpeg, label, key)
+    for label, jpeg in real_core_jpegs().items():
+        digest = hashlib.sha256(jpeg.read_bytes()).hexdigest()[:16]
+        key = f"{digest}-wsidicomizer{converter}-{REAL_CORE_MPP}-{REAL_CORE_TILE}-{len(REAL_CORE_DOWNSAMPLES)}"
+        cores[label] = _convert_core(jpeg, label, key)
     return cores

@@ -90,18 +90,16 @@ def test_membrane_grader_call_does_not_depend_on_the_writer(scored: dict[str, di
     by highdicom (lossless, a 0.25 / 1 / 4 um/px pyramid with no 0.5 um/px level) gets the membrane call and, within
     2 points, the cell percentages of the wsidicomizer series. Fields come from each slide's scanned (0.25 um/px)
     level, and the stains and counterstain strength from those fields, so no writer's derived levels count."""
-    import numpy as np
-    from PIL import Image
     from pydicom.uid import ExplicitVRLittleEndian
 
     from dicom_io.wsi_writer import SlideIdentity, write_wsi
-    from tests.conftest import REAL_HER2
+    from tests.conftest import real_core_rgb
     from tests.third_party import highdicom_write, orthanc_dicomize
     from worker.pipeline import score_slide
     from worker.settings import load_settings
 
     reference = scored["2+ISH+"]["graders"]["membrane"]
-    rgb = np.asarray(Image.open(REAL_HER2 / "2_0123a214-85b7-4804-86db-474b05a4ae57.jpg").convert("RGB"))
+    rgb = real_core_rgb("2+ISH+")
     height, width = rgb.shape[:2]
     ours = tmp_path / "ours"
     write_wsi(lambda x, y, w, h: rgb[y : y + h, x : x + w], width, height, 0.25, SlideIdentity.synthetic(2, "W"), ours)
@@ -131,16 +129,14 @@ def test_a_lighter_or_darker_counterstain_keeps_the_call_and_the_tumour_cells(la
     the 2+ ISH- core at 1.5x was called 0 (ultralow).
     """
     import numpy as np
-    from PIL import Image
     from skimage.color import hed2rgb, rgb2hed
 
     from dicom_io.wsi_writer import SlideIdentity, write_wsi
-    from tests.conftest import REAL_HER2
+    from tests.conftest import real_core_rgb
     from worker.pipeline import score_slide
     from worker.settings import load_settings
 
-    files = {"1+": "1_154ae963-bd2a-4a12-8fa9-815ba13922ae.jpg", "2+ISH-": "2_aeb277c9-d925-4660-bb22-b8f850603d54.jpg"}
-    source = rgb2hed(np.asarray(Image.open(REAL_HER2 / files[label]).convert("RGB")))
+    source = rgb2hed(real_core_rgb(label))
     results = {}
     for scale in (1.0, h_scale):
         hed = source.copy()
@@ -189,16 +185,14 @@ def test_a_scanners_white_balance_keeps_the_call_and_the_percentages(label: str,
     fields and cells are all relative to the glass. Grader 1.2 failed these cases (see the constants above).
     """
     import numpy as np
-    from PIL import Image
 
     from dicom_io.wsi_writer import SlideIdentity, write_wsi
     from her2_core.preprocessing.tissue import glass_colour, tissue_mask
-    from tests.conftest import REAL_HER2
+    from tests.conftest import real_core_rgb
     from worker.pipeline import score_slide
     from worker.settings import load_settings
 
-    files = {"1+": "1_154ae963-bd2a-4a12-8fa9-815ba13922ae.jpg", "2+ISH-": "2_aeb277c9-d925-4660-bb22-b8f850603d54.jpg"}
-    rgb = np.asarray(Image.open(REAL_HER2 / files[label]).convert("RGB"))
+    rgb = real_core_rgb(label)
     side = (min(rgb.shape[:2]) // 32) * 32
     thumb = rgb[:side, :side].reshape(side // 32, 32, side // 32, 32, 3).mean(axis=(1, 3)).round().astype(np.uint8)
     gain = np.asarray(glass, np.float32) / np.asarray(glass_colour(thumb, tissue_mask(thumb)), np.float32)
@@ -229,16 +223,12 @@ def test_a_scanners_lower_jpeg_quality_keeps_an_admissible_call(label: str, scor
                                                                  tmp_path: Path) -> None:
     """The core written at JPEG quality 70 gets an admissible call, no QC flag and cell percentages within
     :data:`JPEG_QUALITY_POINTS` of the wsidicomizer series (the cores whose calls sit nearest a boundary)."""
-    import numpy as np
-    from PIL import Image
-
     from dicom_io.wsi_writer import SlideIdentity, write_wsi
-    from tests.conftest import REAL_HER2
+    from tests.conftest import real_core_rgb
     from worker.pipeline import score_slide
     from worker.settings import load_settings
 
-    files = {"0": "0_aa1da043-3ec9-4ad1-9ccc-3e25d3b5cfaf.jpg", "2+ISH-": "2_aeb277c9-d925-4660-bb22-b8f850603d54.jpg"}
-    rgb = np.asarray(Image.open(REAL_HER2 / files[label]).convert("RGB"))
+    rgb = real_core_rgb(label)
     write_wsi(lambda x, y, w, h: rgb[y : y + h, x : x + w], rgb.shape[1], rgb.shape[0], 0.25,
               SlideIdentity.synthetic(6, "Q"), tmp_path / "q70", quality=70)
     result = score_slide(tmp_path / "q70", load_settings())
