@@ -99,6 +99,7 @@ def test_benchmark_prints_every_figure(tmp_path):
     for label in ("end-to-end score_slide", "naive loop"):
         for slide in ("tiny", "tiny-wide"):
             positive(row(f"{label}, {slide} slide")[2])  # wall s
+            assert "median of 3 runs" in row(f"{label}, {slide} slide")[5]  # after an untimed warm-up run
     # The tiatoolbox peer is not configured: its row and ratio line say so, and nothing else is missing.
     peer = row("tiatoolbox PatchPredictor, tiny-wide slide")
     assert peer[1:5] == ["-"] * 4 and peer[5].startswith("skipped: no --tiatoolbox-python"), peer
@@ -109,6 +110,7 @@ def test_benchmark_prints_every_figure(tmp_path):
                     r"peak RSS tiny slide \(\d+ tissue tiles\): " + NUMBER + " MiB",
                     r"peak RSS tiny-wide slide \(\d+ tissue tiles\): " + NUMBER + " MiB",
                     r"peak RSS ratio large/small: " + NUMBER,
+                    r"peak RSS tiny-wide slide .* first \(cold\) job took " + NUMBER + " s",
                     r"ceiling with JPEG decode alone .*: " + NUMBER + " tiles/s",
                     r"ceiling with every per-tile stage .*: " + NUMBER + " tiles/s"):
         match = re.search(pattern, out)

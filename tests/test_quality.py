@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from dicom_io.wsi import open_slide
@@ -87,6 +88,19 @@ def test_blur_separates_through_the_dicom_path(tmp_path):
     result = score_slide(tmp_path / "blurred", SETTINGS)
     assert result.stats["qc_sharpness"] == pytest.approx(medians["blurred"], rel=1e-6)
     assert f"QC: out of focus (sharpness {medians['blurred']:.1f} < 3.0)" in result.score.flags
+
+
+def test_sharpness_is_scipys_laplacian_of_gaussian():
+    """The float32 numpy LoG equals scipy's ``gaussian_laplace`` (sigma 1, mirrored edges), edges included."""
+    rng = np.random.default_rng(7)
+    smooth = ndimage.gaussian_filter(rng.normal(128, 40, (96, 80, 3)), (2, 2, 0))
+    tiles = np.stack([rng.integers(0, 256, (96, 80, 3)), np.clip(smooth, 0, 255),
+                      np.full((96, 80, 3), 200)]).astype(np.uint8)
+    grey = tiles.astype(np.float32).sum(-1) / 3
+    expected = [np.abs(ndimage.gaussian_laplace(g, 1.0)).mean() for g in grey]
+    measured = sharpness(tiles)
+    assert measured == pytest.approx(expected, rel=1e-5, abs=1e-4)  # a flat tile: 0.0288 (kernel sum, as scipy's)
+    assert measured[0] > 10 * measured[1] > 10 * measured[2] > 0
 
 
 def test_sharpness_is_measured_only_on_the_sampled_tiles(tmp_path):

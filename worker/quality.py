@@ -81,13 +81,59 @@ def eosin_share(pixels: np.ndarray) -> float:
     return float(conc[:, 2].sum()) / total if total > 0 else 0.0
 
 
+def _gaussian_kernels(sigma: float, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 1-D Gaussian and its second derivative (float32, length ``2 radius + 1``), the kernels of
+    ``scipy.ndimage.gaussian_laplace``."""
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 * x**2 / sigma**2)
+    phi /= phi.sum()
+    return phi.astype(np.float32), ((x**2 / sigma**4 - 1.0 / sigma**2) * phi).astype(np.float32)
+
+
+#: The Laplacian-of-Gaussian of :func:`sharpness`: sigma 1 px, kernels of radius 4 px (scipy's 4 sigma).
+_GAUSS, _GAUSS_D2 = _gaussian_kernels(1.0, 4)
+
+
+def _correlate_symmetric(x: np.ndarray, kernels: tuple[np.ndarray, ...], axis: int) -> list[np.ndarray]:
+    """``x`` correlated along ``axis`` with each symmetric 1-D kernel, edges mirrored (scipy's "reflect").
+
+    Whole rows at a time in float32, each pair of mirrored taps added once for all kernels.
+    """
+    r, n = len(kernels[0]) // 2, x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (r, r)
+    padded = np.pad(x, pad, mode="symmetric")
+
+    def shifted(i: int) -> np.ndarray:
+        return padded[(slice(None),) * axis + (slice(r + i, r + i + n),)]
+
+    outs = [shifted(0) * k[r] for k in kernels]
+    pair, term = np.empty_like(outs[0]), np.empty_like(outs[0])
+    for i in range(1, r + 1):
+        np.add(shifted(-i), shifted(i), out=pair)
+        for out, k in zip(outs, kernels):
+            out += np.multiply(pair, k[r + i], out=term)
+    return outs
+
+
 def sharpness(tiles: np.ndarray) -> np.ndarray:
-    """Mean absolute Laplacian-of-Gaussian (sigma 1 px) of each normalised grey tile (N,)."""
+    """Mean absolute Laplacian-of-Gaussian (sigma 1 px) of each normalised grey tile (N,).
+
+    The LoG is ``scipy.ndimage.gaussian_laplace(grey, 1.0)`` (same kernels and edges) computed by
+    :func:`_correlate_symmetric`: twice as fast as scipy's line-by-line double-precision loops, equal to
+    it to 1e-6 (tested).
+    """
     grey = tiles[..., 0].astype(np.float32)  # the channel mean, summed in place (6x faster than .mean(-1))
     grey += tiles[..., 1]
     grey += tiles[..., 2]
     grey /= 3
-    return np.array([np.abs(ndimage.gaussian_laplace(g, 1.0)).mean() for g in grey])
+    out = np.empty(len(grey))
+    for i, g in enumerate(grey):
+        smooth, d2 = _correlate_symmetric(g, (_GAUSS, _GAUSS_D2), 0)
+        log = _correlate_symmetric(smooth, (_GAUSS_D2,), 1)[0]
+        log += _correlate_symmetric(d2, (_GAUSS,), 1)[0]
+        out[i] = np.abs(log, out=log).mean()
+    return out
 
 
 def check_slide(thumbnail: np.ndarray, mask: np.ndarray, thresholds: QualityThresholds) -> QualityReport:

@@ -93,11 +93,26 @@ def glass_colour(thumbnail: np.ndarray, mask: np.ndarray, min_pixels: int = 64) 
     (the membrane grader's tissue, 0.04 OD) move by 0.003 OD per grey level
     the glass is off, and the rounded median made the counterstain gain of a
     real core white-balanced to bluish glass differ by 8 %.
+
+    Computed on the uint8 values, exactly: a float32 mean of the 750 000 glass
+    pixels of a 12 x 8 mm slide's thumbnail was 1.6 grey levels off.
     """
-    background = thumbnail[~mask].astype(np.float32)
+    background = thumbnail[~mask]
     if len(background) < min_pixels:
         return None
-    median = np.median(background, axis=0)
-    peak = background[(np.abs(background - median) <= GLASS_PEAK).all(axis=1)]
-    red, green, blue = (float(v) for v in peak.mean(axis=0))
+    channels = [np.ascontiguousarray(background[:, c]) for c in range(3)]
+    peak = np.ones(len(background), bool)
+    for values in channels:
+        median = _median_uint8(values)
+        peak &= values >= max(0, int(np.ceil(median - GLASS_PEAK)))
+        peak &= values <= min(255, int(np.floor(median + GLASS_PEAK)))
+    n = int(peak.sum())
+    red, green, blue = (int(values[peak].sum(dtype=np.int64)) / n for values in channels)
     return red, green, blue
+
+
+def _median_uint8(values: np.ndarray) -> float:
+    """``np.median`` of uint8 values, from their histogram (the mean of the two middle values when even)."""
+    cumulative = np.cumsum(np.bincount(values, minlength=256))
+    middle = np.searchsorted(cumulative, [(len(values) - 1) // 2, len(values) // 2], side="right")
+    return float(middle.mean())
