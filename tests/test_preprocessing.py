@@ -12,6 +12,7 @@ from her2_core.preprocessing import (
     StainNormaliser,
     candidate_tiles,
     fit_stains,
+    glass_colour,
     grid_for_level,
     optical_density,
     tissue_mask,
@@ -192,3 +193,24 @@ def test_od_sum_and_stained_test_equal_their_reductions():
     od = optical_density(rgb.reshape(-1, 3))
     assert np.array_equal(_stained(od), (od > OD_FIT_MIN).all(axis=1))
     assert 0 < _stained(od).sum() < len(od)
+
+
+def test_tissue_mask_closing_and_glass_colour_equal_their_library_forms():
+    """``closing_3x3`` is scipy's 3 x 3 binary closing (its rim included) and ``glass_colour`` the float64 median
+    and mean of the glass pixels, on random masks and a thumbnail whose glass has many pixels."""
+    from scipy import ndimage
+
+    from her2_core.preprocessing.tissue import GLASS_PEAK, closing_3x3
+
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1), (1, 6), (2, 2), (3, 7), (64, 48)]:
+        for share in (0.0, 0.1, 0.5, 0.9, 1.0):
+            mask = rng.random(shape) < share
+            assert np.array_equal(closing_3x3(mask), ndimage.binary_closing(mask, structure=np.ones((3, 3), bool)))
+    thumb = np.clip(rng.normal((231, 229, 239), 2.5, (600, 700, 3)), 0, 255).astype(np.uint8)
+    thumb[100:300, 100:400] = (150, 110, 90)
+    mask = tissue_mask(thumb)
+    glass = thumb[~mask].astype(np.float64)
+    median = np.median(glass, axis=0)
+    expected = glass[(np.abs(glass - median) <= GLASS_PEAK).all(axis=1)].mean(axis=0)
+    assert glass_colour(thumb, mask) == pytest.approx(tuple(expected), abs=1e-9)

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 import pytest
+from scipy import ndimage
 
 from dicom_io.wsi import open_slide
 from her2_core.aggregate import SlideCall

@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from her2_core.preprocessing import REFERENCE, StainNormaliser, optical_density
 from her2_core.preprocessing.stain import EOSIN_OD, optical_density_sum

