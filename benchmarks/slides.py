@@ -26,6 +26,9 @@ SLIDES: dict[str, SlideSpec] = {
     "tiny-wide": SlideSpec(seed=64, width_um=3072, height_um=1536, class_mix=_MIX, patient_id="BENCH-TW"),
     "small": SlideSpec(seed=62, width_um=4096, height_um=4096, class_mix=_MIX, patient_id="BENCH-S"),
     "large": SlideSpec(seed=63, width_um=12288, height_um=8192, class_mix=_MIX, patient_id="BENCH-L"),
+    # A resection-size section (4x the large one's area, ~1000 tissue tiles): where per-slide work amortises.
+    # Not rendered unless asked for (``--large xlarge``).
+    "xlarge": SlideSpec(seed=67, width_um=24576, height_um=16384, class_mix=_MIX, patient_id="BENCH-XL"),
 }
 
 

@@ -15,6 +15,7 @@ from her2_core.preprocessing import (
     glass_colour,
     grid_for_level,
     optical_density,
+    pixels_at,
     tissue_mask,
     white_fraction,
 )
@@ -196,17 +197,21 @@ def test_od_sum_and_stained_test_equal_their_reductions():
 
 
 def test_tissue_mask_closing_and_glass_colour_equal_their_library_forms():
-    """``closing_3x3`` is scipy's 3 x 3 binary closing (its rim included) and ``glass_colour`` the float64 median
-    and mean of the glass pixels, on random masks and a thumbnail whose glass has many pixels."""
+    """``closing_3x3`` is scipy's 3 x 3 binary closing (its rim included), ``pixels_at`` a boolean index and
+    ``glass_colour`` the float64 median and mean of the glass pixels, on random masks and a thumbnail whose glass
+    has many pixels."""
     from scipy import ndimage
 
     from her2_core.preprocessing.tissue import GLASS_PEAK, closing_3x3
 
     rng = np.random.default_rng(3)
     for shape in [(1, 1), (1, 6), (2, 2), (3, 7), (64, 48)]:
+        rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
         for share in (0.0, 0.1, 0.5, 0.9, 1.0):
             mask = rng.random(shape) < share
             assert np.array_equal(closing_3x3(mask), ndimage.binary_closing(mask, structure=np.ones((3, 3), bool)))
+            assert np.array_equal(pixels_at(rgb, mask), rgb[mask])
+            assert np.array_equal(pixels_at(rgb[::-1, ::-1], mask), rgb[::-1, ::-1][mask])  # any strides
     thumb = np.clip(rng.normal((231, 229, 239), 2.5, (600, 700, 3)), 0, 255).astype(np.uint8)
     thumb[100:300, 100:400] = (150, 110, 90)
     mask = tissue_mask(thumb)

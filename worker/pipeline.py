@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
@@ -114,13 +115,15 @@ def score_slide(source: Path | Slide, settings: Settings, out_dir: Path | None =
                            settings.white_fraction_max, settings.precision)
         survey = survey_slide(slide)
         thresholds = settings.quality_thresholds()
-        quality = check_slide(survey.thumbnail, survey.mask, thresholds)
-        try:
-            prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
-        except SlideError:
-            if not quality.not_assessable:
-                raise
-            prepared = unprepared(slide, survey, model.card.tile_size)  # e.g. an H&E overview: no level to grade at
+        with ThreadPoolExecutor(max_workers=1) as qc:  # slide QC on the thumbnail while the stains are fitted
+            slide_qc = qc.submit(check_slide, survey.thumbnail, survey.mask, thresholds)
+            try:
+                prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
+            except SlideError:
+                if not slide_qc.result().not_assessable:
+                    raise
+                prepared = unprepared(slide, survey, model.card.tile_size)  # e.g. H&E overview: no level to grade
+            quality = slide_qc.result()
         check_stain(quality, prepared.normaliser, thresholds)
         level = prepared.level
         if quality.not_assessable:

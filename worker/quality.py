@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from her2_core.preprocessing import REFERENCE, StainNormaliser, optical_density
+from her2_core.preprocessing import REFERENCE, StainNormaliser, optical_density, pixels_at
 from her2_core.preprocessing.stain import EOSIN_OD, optical_density_sum
 
 #: Eosin OD vector (Ruifrok & Johnston), the counterstain of H&E.
@@ -138,7 +138,7 @@ def sharpness(tiles: np.ndarray) -> np.ndarray:
 def check_slide(thumbnail: np.ndarray, mask: np.ndarray, thresholds: QualityThresholds) -> QualityReport:
     """Checks on the whole-slide thumbnail, before any tile is read (stain type, pen, folds)."""
     report = QualityReport()
-    tissue = thumbnail[mask]
+    tissue = pixels_at(thumbnail, mask)
     if tissue.size == 0:
         report.not_assessable.append(NO_TISSUE)
         return report

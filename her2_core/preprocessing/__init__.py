@@ -5,7 +5,7 @@ Macenko stain normalisation with DAB kept on an absolute scale.
 
 from her2_core.preprocessing.stain import REFERENCE, StainNormaliser, StainReference, fit_stains, optical_density
 from her2_core.preprocessing.tiling import candidate_tiles, grid_for_level, white_fraction
-from her2_core.preprocessing.tissue import THUMBNAIL_MPP, glass_colour, tissue_mask
+from her2_core.preprocessing.tissue import THUMBNAIL_MPP, glass_colour, pixels_at, tissue_mask
 
 __all__ = [
     "REFERENCE",
@@ -17,6 +17,7 @@ __all__ = [
     "glass_colour",
     "grid_for_level",
     "optical_density",
+    "pixels_at",
     "tissue_mask",
     "white_fraction",
 ]
