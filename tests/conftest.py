@@ -69,8 +69,6 @@ def real_core_rgb(label: str) -> np.ndarray:
 
 def _convert_core(jpeg: Path, label: str, key: str) -> Path:
     """The DICOM series of one core, converted by wsidicomizer once and cached under :data:`CACHE`."""
-    import numpy as np
-    from PIL import Image
     from pydicom.uid import generate_uid
 
     from tests.third_party import wsidicomize
