@@ -196,6 +196,43 @@ def test_od_sum_and_stained_test_equal_their_reductions():
     assert 0 < _stained(od).sum() < len(od)
 
 
+def test_tissue_mask_in_bands_equals_the_whole_thumbnail_at_once():
+    """The banded tissue mask is the single-array computation (scikit-image's Otsu and small-object removal,
+    scipy's closing, numpy's median), whatever the number of bands: objects of up to ``min_object_px`` pixels
+    and thin long ones lie across the band edges."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_objects
+
+    from her2_core.preprocessing.stain import optical_density_sum
+    from her2_core.preprocessing.tissue import MAX_TISSUE_THRESHOLD, MIN_TISSUE_OD, glass_od
+
+    def whole(thumb: np.ndarray) -> np.ndarray:
+        od = optical_density_sum(thumb)
+        od = od - np.float32(glass_od(od))
+        threshold = MIN_TISSUE_OD
+        if float(od.max()) > MIN_TISSUE_OD:
+            threshold = float(np.clip(threshold_otsu(od), MIN_TISSUE_OD, MAX_TISSUE_THRESHOLD))
+        closed = ndimage.binary_closing(od > threshold, structure=np.ones((3, 3), bool))
+        return remove_small_objects(closed, max_size=16)
+
+    rng = np.random.default_rng(5)
+    thumb = np.clip(rng.normal((232, 231, 240), 1.5, (240, 180, 3)), 0, 255).astype(np.uint8)
+    thumb[30:90, 20:120] = (170, 130, 110)  # a core
+    for _ in range(300):  # specks of 1 to 25 pixels, many across the band edges
+        y, x = rng.integers(0, 236), rng.integers(0, 176)
+        h, w = rng.integers(1, 6, 2)
+        thumb[y:y + h, x:x + w] = (140, 110, 90)
+    thumb[100:230, 150] = (140, 110, 90)  # a one-pixel-wide line across every band
+    thumb[200:203, 10:170:2] = (140, 110, 90)
+    pale = np.clip(rng.normal((215, 205, 215), 6, (120, 90, 3)), 0, 255).astype(np.uint8)  # Otsu's range moves
+    for image in (thumb, thumb[:, :, ::-1], pale, thumb[:17], thumb[:1]):
+        expected = whole(image)
+        for threads in (1, 2, 3, 4, 7):
+            assert np.array_equal(tissue_mask(image, threads=threads), expected), (image.shape, threads)
+    assert 0.05 < tissue_mask(thumb).mean() < 0.5
+
+
 def test_tissue_mask_closing_and_glass_colour_equal_their_library_forms():
     """``closing_3x3`` is scipy's 3 x 3 binary closing (its rim included), ``pixels_at`` a boolean index and
     ``glass_colour`` the float64 median and mean of the glass pixels, on random masks and a thumbnail whose glass
