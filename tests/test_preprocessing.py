@@ -186,14 +186,26 @@ def test_fit_is_frozen_and_its_table_counts_every_thread_and_pickles():
 
 
 def test_od_sum_and_stained_test_equal_their_reductions():
-    from her2_core.preprocessing.stain import OD_FIT_MIN, _stained, optical_density_sum
+    """The fast forms equal the plain ones: OD sum (also into a given array), the stained-pixel test, and the
+    stain fit's stained pixels taken from uint8 values; a fit on a list of tiles is the fit on their stack."""
+    from her2_core.preprocessing.stain import OD_FIT_MIN, _stained, _stained_od, optical_density_sum
 
     rgb = np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     assert np.array_equal(optical_density_sum(rgb), optical_density(rgb).sum(axis=-1))
     assert np.array_equal(optical_density_sum(rgb.astype(np.float32)), optical_density(rgb).sum(axis=-1))
+    out = np.full((64, 96), np.nan, np.float32)
+    assert optical_density_sum(rgb, out=out) is out and np.array_equal(out, optical_density(rgb).sum(axis=-1))
     od = optical_density(rgb.reshape(-1, 3))
     assert np.array_equal(_stained(od), (od > OD_FIT_MIN).all(axis=1))
     assert 0 < _stained(od).sum() < len(od)
+    for pixels in (rgb.reshape(-1, 3), rgb.reshape(-1, 3) // 2, rgb.reshape(-1, 3).astype(np.float32)):
+        expected = optical_density(pixels)[(optical_density(pixels) > OD_FIT_MIN).all(axis=1)]
+        assert np.array_equal(_stained_od(pixels), expected)
+    tiles = [render_region(SlideSpec(seed=k, width_um=512, height_um=512, class_mix={"2+": 1.0}, tumour_fraction=1.0),
+                           0, 0, 256, 256, 1.0).rgb for k in range(3)]
+    by_list, by_stack = fit_stains(tiles), fit_stains(np.stack(tiles))
+    assert np.array_equal(by_list.source_matrix, by_stack.source_matrix) and by_list.h_scale == by_stack.h_scale
+    assert fit_stains([]).h_scale == 1.0
 
 
 def test_tissue_mask_in_bands_equals_the_whole_thumbnail_at_once():

@@ -118,7 +118,8 @@ def score_slide(source: Path | Slide, settings: Settings, out_dir: Path | None =
         with ThreadPoolExecutor(max_workers=1) as qc:  # slide QC on the thumbnail while the stains are fitted
             slide_qc = qc.submit(check_slide, survey.thumbnail, survey.mask, thresholds)
             try:
-                prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain)
+                prepared = prepare_slide(slide, survey, model.card.tile_size, model.card.mpp, model.card.stain,
+                                         settings.decode_threads)
             except SlideError:
                 if not slide_qc.result().not_assessable:
                     raise

@@ -106,19 +106,18 @@ def survey_slide(slide: Slide) -> SlideSurvey:
 
 
 def prepare_slide(slide: Slide, survey: SlideSurvey, tile_size: int, mpp: float,
-                  reference: StainReference) -> PreparedSlide:
+                  reference: StainReference, threads: int = 1) -> PreparedSlide:
     """Tile grid at ``mpp`` um/px with the tissue tiles found by the survey, and the slide's stain normaliser.
 
     The tiles come from :meth:`dicom_io.wsi.Slide.tile_source`: the pyramid level at ``mpp``, or the
-    nearest finer one resampled.
+    nearest finer one resampled. The stain-fit tiles are read on ``threads`` threads.
     """
     tiles = slide.tile_source(mpp, tile_size)
     level = tiles.level
     grid = grid_for_level(level.width, level.height, tile_size, (level.mpp / 1000.0, level.mpp / 1000.0))
     candidates = candidate_tiles(survey.mask, grid)
-    sample = stain_sample(tiles.read, candidates)
-    normaliser = fit_stains(np.stack(list(sample.values())) if sample else np.zeros((0, 1, 1, 3), np.uint8),
-                            reference)
+    sample = stain_sample(tiles.read, candidates, threads)
+    normaliser = fit_stains(list(sample.values()), reference)
     normaliser.expect(len(candidates) * tile_size**2)
     return PreparedSlide(survey, tiles, grid, candidates, normaliser, sample)
 
@@ -149,15 +148,20 @@ def sharpness_sample(candidates: list[Position]) -> frozenset[Position]:
     return frozenset(candidates[i] for i in spread_indices(len(candidates), SHARPNESS_TILES))
 
 
-def stain_sample(read: Callable[[int, int], np.ndarray], candidates: list[Position]) -> dict[Position, np.ndarray]:
-    """The decodable tiles among :func:`stain_fit_indices` of ``candidates``, by position (in their order)."""
-    tiles = {}
-    for pos in (candidates[i] for i in stain_fit_indices(len(candidates))):
+def stain_sample(read: Callable[[int, int], np.ndarray], candidates: list[Position],
+                 threads: int = 1) -> dict[Position, np.ndarray]:
+    """The decodable tiles among :func:`stain_fit_indices` of ``candidates``, by position (in their order), read on
+    ``threads`` threads."""
+    def decodable(pos: Position) -> np.ndarray | None:
         try:
-            tiles[pos] = read(*pos)
+            return read(*pos)
         except CorruptTileError:
-            continue
-    return tiles
+            return None
+
+    positions = [candidates[i] for i in stain_fit_indices(len(candidates))]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        tiles = list(pool.map(decodable, positions))
+    return {pos: tile for pos, tile in zip(positions, tiles, strict=True) if tile is not None}
 
 
 #: A tile as the pool hands it back: None if corrupt, else

@@ -26,10 +26,12 @@ All operations are vectorised over a batch of tiles and are NaN-free on empty
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from her2_core.preprocessing.pixels import pixels_at
 from her2_core.preprocessing.stain_table import I0, NormalisationTable
 from her2_core.preprocessing.stain_table import OD_TABLE as _OD_TABLE
 
@@ -93,6 +95,21 @@ def _stained(od: np.ndarray) -> np.ndarray:
     return np.minimum(np.minimum(od[:, 0], od[:, 1]), od[:, 2]) > OD_FIT_MIN
 
 
+def _stained_od(rgb: np.ndarray) -> np.ndarray:
+    """Optical density (M, 3) of the pixels of RGB (N, 3) above :data:`OD_FIT_MIN` in every channel.
+
+    The same rows as ``od[_stained(od)]``. For uint8 pixels the test is on
+    the brightest channel's value (OD falls as the value rises) and only the
+    selected pixels' OD is computed: three times faster.
+    """
+    if rgb.dtype != np.uint8:
+        od = optical_density(rgb)
+        return od[_stained(od)]
+    darkest_od_above = int((_OD_TABLE > OD_FIT_MIN).sum())  # values 0 .. this - 1 have OD above OD_FIT_MIN
+    brightest = np.maximum(np.maximum(rgb[:, 0], rgb[:, 1]), rgb[:, 2])
+    return optical_density(pixels_at(rgb, brightest < darkest_od_above))
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
@@ -154,7 +171,8 @@ def estimate_stain_vectors(
     Returns the matrix (rows H, DAB) and notes on what fell back to the reference and why.
     """
     ref = reference.matrix()
-    tissue = od[_stained(od)]
+    stained = _stained(od)
+    tissue = od if stained.all() else od[stained]  # the stain fit passes only stained pixels (:func:`_stained_od`)
     if len(tissue) < 200:
         return ref.copy(), ["too few stained pixels to estimate stain vectors: reference used"]
     plane = np.linalg.eigh(np.cov(tissue.T))[1][:, 1:3]  # two largest principal directions
@@ -173,13 +191,14 @@ def estimate_stain_vectors(
     return out.astype(np.float32), []
 
 
-def fit_stains(tiles: np.ndarray, reference: StainReference = REFERENCE) -> StainNormaliser:
-    """A slide's normaliser, fitted on a sample of its tissue tiles (N, T, T, 3) at the graded resolution.
+def fit_stains(tiles: Sequence[np.ndarray] | np.ndarray, reference: StainReference = REFERENCE) -> StainNormaliser:
+    """A slide's normaliser, fitted on a sample of its tissue tiles (each T x T x 3) at the graded resolution.
 
     Every other pixel in each direction is used (a quarter of them: the same
     estimate, four times faster). Inference and training both fit slides here.
     """
-    return StainNormaliser.fit(np.asarray(tiles)[:, ::2, ::2], reference)
+    pixels = np.stack([tile[::2, ::2] for tile in tiles]) if len(tiles) else np.zeros((0, 3), np.uint8)
+    return StainNormaliser.fit(pixels, reference)
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,10 +227,9 @@ class StainNormaliser:
     @classmethod
     def fit(cls, pixels: np.ndarray, reference: StainReference = REFERENCE) -> StainNormaliser:
         """Estimate the slide's stains from RGB pixels (..., 3) of its tissue."""
-        od = optical_density(pixels.reshape(-1, 3))
-        matrix, notes = estimate_stain_vectors(od, reference)
-        conc = cls._concentrations(od, matrix)
-        stained = conc[:, 0][_stained(od)]
+        tissue = _stained_od(np.asarray(pixels).reshape(-1, 3))
+        matrix, notes = estimate_stain_vectors(tissue, reference)
+        stained = cls._concentrations(tissue, matrix)[:, 0]
         h_scale = 1.0
         if len(stained) >= 200:
             h99 = float(np.percentile(stained, 99))

@@ -22,6 +22,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_objects
 
+from her2_core.preprocessing.pixels import pixels_at
 from her2_core.preprocessing.stain import optical_density_sum
 
 T = TypeVar("T")
@@ -195,13 +196,6 @@ def glass_colour(thumbnail: np.ndarray, mask: np.ndarray, min_pixels: int = 64) 
     n = int(peak.sum())
     red, green, blue = (int(values[peak].sum(dtype=np.int64)) / n for values in channels)
     return red, green, blue
-
-
-def pixels_at(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The uint8 RGB pixels (N, 3) of ``rgb`` (H, W, 3) where ``mask`` (H, W) is set: ``rgb[mask]``, 15x faster
-    (a boolean index copies a 3-byte row per pixel; a 3-byte void view copies one item)."""
-    flat = np.ascontiguousarray(rgb, np.uint8).reshape(-1).view("V3")
-    return flat[np.asarray(mask, bool).reshape(-1)].view(np.uint8).reshape(-1, 3)
 
 
 def _median_uint8(values: np.ndarray) -> float:
