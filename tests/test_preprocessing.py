@@ -108,6 +108,29 @@ def test_white_fraction_and_candidates():
     assert candidate_tiles(mask, grid) == [(0, 0)]
 
 
+def test_candidate_tiles_are_the_tiles_whose_footprint_mean_reaches_the_coverage():
+    """The tiles summed all at once are those of the definition: the mean of each tile's footprint on the mask
+    (rows ``[floor(r h / R), max(that + 1, ceil((r + 1) h / R)))``, columns alike), on grids finer and coarser
+    than the mask."""
+    import math
+
+    from her2_core.aggregate import TileGrid
+
+    def footprint(i: int, tiles: int, pixels: int) -> slice:
+        start = int(i * pixels / tiles)
+        return slice(start, max(start + 1, math.ceil((i + 1) * pixels / tiles)))
+
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        mh, mw, rows, cols = rng.integers(1, 70, 4)
+        mask = rng.random((mh, mw)) < rng.random()
+        grid = TileGrid(rows=int(rows), cols=int(cols), tile_size=512, pixel_spacing_mm=(0.001, 0.001))
+        for coverage in (0.0, 0.02, 0.5, 1.0):
+            expected = [(r, c) for r in range(rows) for c in range(cols)
+                        if mask[footprint(r, rows, mh), footprint(c, cols, mw)].mean() >= coverage]
+            assert candidate_tiles(mask, grid, coverage) == expected
+
+
 def test_colour_table_normaliser_equals_the_matrix_form():
     """uint8 tiles (table-based arithmetic) and float input (the matrix form) agree to 1 grey level."""
     rng = np.random.default_rng(3)

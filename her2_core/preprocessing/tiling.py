@@ -32,19 +32,26 @@ def candidate_tiles(mask: np.ndarray, grid: TileGrid, min_coverage: float = 0.02
     """Tiles (row, col) whose footprint on the tissue ``mask`` covers at least ``min_coverage``.
 
     ``mask`` is the tissue mask of any level of the same slide; it is mapped
-    onto the grid by proportion, so only tissue tiles are ever read.
+    onto the grid by proportion, so only tissue tiles are ever read. A tile's
+    footprint is mask rows ``[r0, r1)`` and columns ``[c0, c1)``, at least one
+    pixel each way (neighbours may share a row or column); its tissue pixels
+    are summed for all tiles at once, along each mask row, then down the columns.
     """
-    mh, mw = mask.shape
-    out: list[tuple[int, int]] = []
-    for r in range(grid.rows):
-        r0 = int(r * mh / grid.rows)
-        r1 = max(r0 + 1, math.ceil((r + 1) * mh / grid.rows))
-        for c in range(grid.cols):
-            c0 = int(c * mw / grid.cols)
-            c1 = max(c0 + 1, math.ceil((c + 1) * mw / grid.cols))
-            if mask[r0:r1, c0:c1].mean() >= min_coverage:
-                out.append((r, c))
-    return out
+    rows, r_sizes = _footprints(grid.rows, mask.shape[0])
+    cols, c_sizes = _footprints(grid.cols, mask.shape[1])
+    padded = np.pad(np.asarray(mask, bool), ((0, 1), (0, 1)))  # an end index may be the mask's size
+    along = np.add.reduceat(padded, cols, axis=1, dtype=np.int32)[:, ::2]  # a row of a footprint: < 2**31
+    tissue = np.add.reduceat(along, rows, axis=0, dtype=np.int64)[::2]
+    coverage = tissue / np.outer(r_sizes, c_sizes)
+    return [(int(r), int(c)) for r, c in np.argwhere(coverage >= min_coverage)]
+
+
+def _footprints(tiles: int, pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The footprints of ``tiles`` tiles spread over ``pixels`` mask pixels: their first and end indices
+    interleaved (``np.add.reduceat`` sums each footprint at the even places), and their sizes."""
+    start = np.array([int(i * pixels / tiles) for i in range(tiles)], np.int64)
+    end = np.maximum(start + 1, [math.ceil((i + 1) * pixels / tiles) for i in range(tiles)])
+    return np.stack([start, end], axis=1).reshape(-1), end - start
 
 
 def white_levels(glass: tuple[float, float, float] | None) -> tuple[int, int, int]:
