@@ -147,7 +147,7 @@ def check_slide(thumbnail: np.ndarray, mask: np.ndarray, thresholds: QualityThre
     od_sum = optical_density_sum(tissue)
     stained = od_sum > STAINED_OD
     report.measures.update(
-        eosin_share=eosin_share(tissue[stained] if stained.any() else tissue),
+        eosin_share=eosin_share(pixels_at(tissue, stained) if stained.any() else tissue),
         pen_share=float(pen.mean()),
         fold_share=float(((od_sum > FOLD_OD) & ~pen).mean()),
     )
