@@ -37,6 +37,8 @@ from her2_core.preprocessing.stain_table import OD_TABLE as _OD_TABLE
 
 #: Pixels with OD below this in any channel are treated as background when fitting.
 OD_FIT_MIN = 0.15
+#: A uint8 channel value has OD above :data:`OD_FIT_MIN` exactly when it is below this.
+_STAINED_BELOW = int((_OD_TABLE > OD_FIT_MIN).sum())
 
 
 def optical_density(rgb: np.ndarray, glass: tuple[float, float, float] | None = None) -> np.ndarray:
@@ -105,9 +107,8 @@ def _stained_od(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype != np.uint8:
         od = optical_density(rgb)
         return od[_stained(od)]
-    darkest_od_above = int((_OD_TABLE > OD_FIT_MIN).sum())  # values 0 .. this - 1 have OD above OD_FIT_MIN
     brightest = np.maximum(np.maximum(rgb[:, 0], rgb[:, 1]), rgb[:, 2])
-    return optical_density(pixels_at(rgb, brightest < darkest_od_above))
+    return optical_density(pixels_at(rgb, brightest < _STAINED_BELOW))
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
