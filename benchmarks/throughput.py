@@ -9,7 +9,7 @@ HER2 slide as DICOM, then prints, from this one run on this machine, a table of
 
 * bare-model throughput: ONNX Runtime on pre-decoded, pre-normalised tiles
   already converted to the model's float input (the limit for our glue);
-* end-to-end :func:`worker.pipeline.score_slide` on each slide: tissue tiles
+* end-to-end :func:`her2_analysis.pipeline.score_slide` on each slide: tissue tiles
   graded per second of the whole job's wall time, and the ratio to the bare model;
 * a naive loop on each slide: every tissue region read through wsidicom's
   whole-region ``read_region``, normalised, and graded by the torch definition
@@ -22,14 +22,14 @@ HER2 slide as DICOM, then prints, from this one run on this machine, a table of
   filter, Macenko normalisation, float input conversion, QC sharpness), and
   the ceiling those stages put on end-to-end throughput on this machine's cores;
 * peak RSS of scoring each slide in a fresh process, and their ratio;
-* the membrane (cell) grader: :func:`worker.membrane.grade_cells` alone on
+* the membrane (cell) grader: :func:`her2_analysis.membrane.field.grade_field` alone on
   1024 px fields at 0.25 um/px cut from the real HER2 cores in
   ``tests/data/real_her2`` (fields per second on one thread), and
   ``score_slide`` on a synthetic 40x slide with the grader on and off (its
   whole-slide cost; on 10x slides it does not run: no level fine enough).
 
 Ratios are against the bare model of the same run. The benchmark asserts
-nothing about speed; ``tests/test_benchmark_smoke.py`` runs it on tiny slides
+nothing about speed; ``tests/benchmarks/test_benchmark_smoke.py`` runs it on tiny slides
 so it keeps working.
 """
 
@@ -134,7 +134,7 @@ def random_init_model(arch: str, cache: Path, log) -> Path:
 
 
 def _model(settings):
-    from worker.pipeline import load_model
+    from her2_analysis.cnn import load_model
 
     return load_model(Path(settings.model_path), settings.device, settings.intra_op_threads,
                       settings.white_fraction_max, settings.precision)
@@ -191,12 +191,12 @@ class Sample:
 def sample_tiles(series_dir: Path, model, n: int) -> Sample:
     """Up to ``n`` kept tissue tiles of a slide, with the single-thread read + decode rate measured on them."""
     from dicom_io.wsi import open_slide
+    from her2_analysis.tiles import survey_slide, tile_slide
     from her2_core.preprocessing import white_fraction
-    from worker.tiles import prepare_slide, survey_slide
 
     card = model.card
     with open_slide(series_dir) as slide:
-        prepared = prepare_slide(slide, survey_slide(slide), card.tile_size, card.mpp, card.stain)
+        prepared = tile_slide(slide, survey_slide(slide), card.tile_size, card.mpp, card.stain)
         positions = prepared.candidates[: max(n, 1) * 2]
         decoded, seconds, cpu = _timed(lambda: [prepared.read(r, c) for r, c in positions])
     raw = np.stack(decoded)
@@ -208,7 +208,7 @@ def reference_session(model_path: Path, device: str, precision: str):
     """An ONNX Runtime session with the library's default options (threads, spinning), for the bare model."""
     import onnxruntime as ort
 
-    from worker.inference import model_graph, select_providers
+    from her2_analysis.cnn import model_graph, select_providers
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -251,12 +251,12 @@ def membrane_fields(n: int) -> tuple[np.ndarray, tuple[float, float, float]]:
 
 def membrane_rate(n: int, min_seconds: float) -> Rate:
     """The membrane grader alone, one field at a time on one thread (as one pool thread runs it)."""
+    from her2_analysis.membrane.field import grade_field
     from her2_core.preprocessing import REFERENCE
-    from worker.membrane import grade_cells
 
     fields, glass = membrane_fields(n)
     stains = REFERENCE.matrix()
-    return _repeat(lambda batch: [grade_cells(f, 0.25, stains, glass=glass) for f in batch], fields, 1, min_seconds)
+    return _repeat(lambda batch: [grade_field(f, 0.25, stains, glass=glass) for f in batch], fields, 1, min_seconds)
 
 
 def median_run(run, repeats: int) -> tuple[Rate, str]:
@@ -275,9 +275,9 @@ def end_to_end(series_dir: Path, settings) -> tuple[Rate, list[list[int]]]:
     Also returns the graded tiles' top-left corners ``[x, y]`` in pixels of the model's level (the
     tiles the tiatoolbox peer is given).
     """
-    from worker.pipeline import score_slide
+    from her2_analysis.pipeline import score_slide
 
-    result, seconds, cpu = _timed(lambda: score_slide(series_dir, settings))
+    result, seconds, cpu = _timed(lambda: score_slide(series_dir, settings.scoring_options()))
     size = result.score.grid.tile_size
     origins = [[int(c) * size, int(r) * size] for r, c in np.argwhere(result.score.scored)]
     return Rate(int(result.stats["tiles_scored"]), seconds, cpu), origins
@@ -359,8 +359,8 @@ def naive_loop(series_dir: Path, settings, model, max_tiles: int) -> tuple[Rate,
     the same as ours (counted in the wall time); there is no quality control.
     """
     from dicom_io.wsi import open_slide
+    from her2_analysis.tiles import survey_slide, tile_slide
     from her2_core.preprocessing import white_fraction
-    from worker.tiles import prepare_slide, survey_slide
 
     card = model.card
     net, engine = _torch_tile_model(Path(settings.model_path), card)
@@ -384,7 +384,7 @@ def naive_loop(series_dir: Path, settings, model, max_tiles: int) -> tuple[Rate,
     t0, c0 = time.perf_counter(), time.process_time()
     graded = 0
     with open_slide(series_dir) as slide:
-        prepared = prepare_slide(slide, survey_slide(slide), card.tile_size, card.mpp, card.stain)
+        prepared = tile_slide(slide, survey_slide(slide), card.tile_size, card.mpp, card.stain)
         if len(prepared.candidates) > NAIVE_TABLE_AFTER_TILES:
             prepared.normaliser.lookup_table()
         level, size = prepared.level, card.tile_size
@@ -511,10 +511,10 @@ def _stage(label: str, rate: Rate, bare: float, note: str = "") -> Row:
 
 
 def run(args: argparse.Namespace) -> None:
+    from her2_analysis.pipeline import single_threaded_blas
+    from her2_analysis.quality import sharpness
+    from her2_analysis.tiles import SHARPNESS_TILES
     from her2_core.preprocessing import white_fraction
-    from worker.pipeline import single_threaded_blas
-    from worker.quality import sharpness
-    from worker.tiles import SHARPNESS_TILES
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     if args.arch:
@@ -601,7 +601,7 @@ def run(args: argparse.Namespace) -> None:
     rows += [_stage(label, rate, bare, note) for label, (rate, note) in per_tile.items()]
     rows.append(_stage("QC tile sharpness alone (1 thread)",
                        _repeat(sharpness, sample.normalised, settings.batch_size, args.min_seconds), bare,
-                       f"worker.quality.sharpness, on {SHARPNESS_TILES} tiles per slide, in the decode pool"))
+                       f"her2_analysis.quality.sharpness, on {SHARPNESS_TILES} tiles per slide, in the decode pool"))
     log("membrane grader ...")
     cells = membrane_rate(args.membrane_fields, args.min_seconds)
     rows.append(Row("membrane grader alone: 1024 px fields at 0.25 um/px of the real cores (1 thread)",
@@ -663,7 +663,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="benchmark this model_training architecture (e.g. resnet34) with random weights instead "
                         "(exported once into the cache; needs the train extra)")
     p.add_argument("--precision", default=None, choices=["float32", "float16"],
-                   help="model arithmetic (default: settings; float16 is for CUDA, see worker.inference.model_graph)")
+                   help="model arithmetic (default: settings; float16 is for CUDA, see her2_analysis.cnn.model_graph)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per batch (default: settings)")
     p.add_argument("--decode-threads", type=int, default=None, help="decode threads (default: settings)")
     p.add_argument("--intra-op-threads", type=int, default=None, help="ORT intra-op threads (default: settings)")

@@ -5,7 +5,7 @@
 #   bash deploy/install.sh --dev        + test tools, and .venv-convert with the third-party converter
 #                                       wsidicomizer (it pins an older wsidicom than the worker needs)
 #   bash deploy/install.sh --train      + torch/torchvision for model_training (~5 GB)
-#   bash deploy/install.sh --services   + Debian orthanc(-wsi,-dicomweb), redis-server, dcmtk, dicom3tools, chromium, viewer/ npm ci (tests)
+#   bash deploy/install.sh --services   + Debian orthanc(-wsi,-dicomweb), redis-server, dcmtk, dicom3tools, chromium, her2_viewer/page/ npm ci (viewer, tests)
 #   bash deploy/install.sh --gpu        + onnxruntime-gpu (CUDA execution provider)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +30,13 @@ if [ "$services" = 1 ]; then
      || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || ! command -v chromium >/dev/null \
      || ! command -v npm >/dev/null; then
     $SUDO apt-get update -qq
-    node=""; command -v npm >/dev/null || node="nodejs npm"  # the viewer page and its browser test (viewer/)
+    node=""; command -v npm >/dev/null || node="nodejs npm"  # the viewer page and its browser test (her2_viewer/page/)
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq orthanc orthanc-wsi orthanc-dicomweb redis-server dcmtk \
       dicom3tools chromium $node >/dev/null
   fi
-  # dicom-microscopy-viewer and puppeteer-core as pinned in viewer/package-lock.json; the browser is Debian's chromium.
-  [ viewer/node_modules/.package-lock.json -nt viewer/package-lock.json ] \
-    || (cd viewer && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  # dicom-microscopy-viewer and puppeteer-core as pinned in her2_viewer/page/package-lock.json; the browser is Debian's chromium.
+  [ her2_viewer/page/node_modules/.package-lock.json -nt her2_viewer/page/package-lock.json ] \
+    || (cd her2_viewer/page && PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 PYTHON="${PYTHON:-python3}"

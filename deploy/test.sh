@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Set up everything the tests need (Python deps incl. torch, Orthanc, redis-server, dcmtk) and run them.
 #
-# The default suite (every test not marked slow; about 20 min on 2 cores) always runs. The slow tests
+# The default suite (every test not marked slow: the unit tier, then the integration tier; about 20 min on 2 cores)
+# always runs. The slow tests
 # (@pytest.mark.slow: the 10,000-file fuzz run, the membrane grader on fresh synthetic slides; about
 # 10 min) run after it when they fit: when the time spent so far leaves HER2_SLOW_TESTS_MIN minutes
 # (default 15) of the HER2_TEST_BUDGET_MIN budget (default 75, CI allows 90). HER2_SLOW_TESTS=always
-# or never overrides. With arguments, pytest runs just those (e.g. `bash deploy/test.sh tests/test_membrane.py`).
+# or never overrides. With arguments, pytest runs just those (e.g. `bash deploy/test.sh tests/her2_analysis/test_membrane.py`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -15,7 +16,10 @@ bash deploy/install.sh --dev --train --services
 if (( $# )); then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-.venv/bin/python -m pytest -q -m "not slow"
+# Two tiers: unit tests (no services; minutes), then integration tests (real Orthanc, redis-server, Celery, dcmtk,
+# chromium). The unit tier fails fast, before the services start.
+.venv/bin/python -m pytest -q -m "not integration and not slow"
+.venv/bin/python -m pytest -q -m "integration and not slow"
 left=$(( ${HER2_TEST_BUDGET_MIN:-75} * 60 - (SECONDS - started) ))
 case "${HER2_SLOW_TESTS:-auto}" in
   never) echo "slow tests skipped (HER2_SLOW_TESTS=never)"; exit 0 ;;

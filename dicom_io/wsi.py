@@ -69,6 +69,8 @@ _PYRAMID = ("ImageType", "DimensionOrganizationType", "TotalPixelMatrixColumns",
             "Columns")
 #: Largest accepted Total Pixel Matrix side: 2^21 px is 524 mm at 40x (0.25 um/px), beyond any glass slide.
 MAX_LEVEL_SIDE = 2**21
+#: A level serves a wanted pixel spacing when its own is within this share of it (scanners round their spacing).
+LEVEL_TOLERANCE = 0.15
 #: Most pixels the thumbnail may read at once (about 800 MB as RGB); a series that would need more lacks
 #: the lower-resolution pyramid levels.
 MAX_THUMBNAIL_SOURCE_PIXELS = 2**28
@@ -116,6 +118,14 @@ class TileSource:
     @property
     def resampled(self) -> bool:
         return self.level.index != self.source_level.index
+
+    def decodable(self, row: int, col: int) -> np.ndarray | None:
+        """The tile at (``row``, ``col``), or None when its frame cannot be decoded (:class:`CorruptTileError`): a
+        grader skips such a tile and counts it."""
+        try:
+            return self.read(row, col)
+        except CorruptTileError:
+            return None
 
     def summary(self) -> dict[str, float]:
         """Which pyramid level was read, its spacing, and whether tiles were resampled from it (summary.json)."""
@@ -336,7 +346,7 @@ class Slide:
                 return ds
         raise SlideError(f"no instance found for pyramid level {level}")
 
-    def level_for_mpp(self, mpp: float, tolerance: float = 0.15) -> LevelInfo:
+    def level_for_mpp(self, mpp: float, tolerance: float = LEVEL_TOLERANCE) -> LevelInfo:
         """The level whose pixel spacing is within ``tolerance`` of ``mpp``."""
         for info in self.levels:
             if abs(info.mpp - mpp) <= tolerance * mpp:
@@ -345,7 +355,7 @@ class Slide:
         raise SlideError(f"missing pyramid level: none within {tolerance:.0%} of {mpp:g} um/px, the model's "
                          f"magnification (the slide has {have} um/px)")
 
-    def tile_source(self, mpp: float, tile_size: int, tolerance: float = 0.15,
+    def tile_source(self, mpp: float, tile_size: int, tolerance: float = LEVEL_TOLERANCE,
                     source: LevelInfo | None = None) -> TileSource:
         """Tiles of ``tile_size`` px at ``mpp`` um/px.
 

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from her2_analysis.options import ScoringOptions
 from her2_core.aggregate import CLASSES
 from model_training.metrics import aggregate_groups, plot_confusion, plot_roc, report
 from model_training.models import TileClassifier
 from model_training.splits import patient_labels
 from model_training.tileset import TileSet
 from model_training.train import predict
-from worker.settings import Settings
 
 #: The worker's default evidence floor, so slide calls here are the worker's calls.
-EVIDENCE_FLOOR: float = Settings.model_fields["evidence_floor_percent"].default
+EVIDENCE_FLOOR: float = ScoringOptions().evidence_floor_percent
 
 
 def tile_level(tiles: TileSet, probabilities: np.ndarray, classes: tuple[str, ...],

@@ -27,12 +27,12 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from her2_analysis.tiles import stain_fit_indices
 from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import StainNormaliser, fit_stains, white_fraction
 from her2_synthetic.render import SlideSpec, render_region
 from model_training.models import TileClassifier
 from model_training.train import to_tensor
-from worker.tiles import stain_fit_indices
 
 METHODS = ("gradcam", "scorecam")
 #: DAB optical density above which a pixel counts as DAB-stained membrane (QuPath's usual threshold).

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from her2_analysis.tiles import stain_fit_indices
 from her2_core.aggregate import CLASSES
 from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import fit_stains, white_fraction
 from model_training.splits import split_datasets
 from model_training.tileset import SlideInfo, TileSet
-from worker.tiles import stain_fit_indices
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 #: Folder / file-name spellings of the HER2 classes.

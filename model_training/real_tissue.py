@@ -2,7 +2,7 @@
 
 Each core is a DICOM WSI series (e.g. the four cores of ``tests/data/real_her2``
 converted by wsidicomizer, as the ``real_cores`` test fixture does) scored by
-the worker's own :func:`worker.pipeline.score_slide` with the CNN alone (the
+the worker's own :func:`her2_analysis.pipeline.score_slide` with the CNN alone (the
 membrane grader off): the CNN's slide call, its tumour-area percentages and
 the continuous score 0*p0 + 1*p1 + 2*p2 + 3*p3. The figures go into the card's
 ``real_tissue`` block (:class:`her2_core.model_card.RealCoreFigure`) beside the
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from her2_analysis.options import Grader, ScoringOptions
+from her2_analysis.pipeline import score_slide
 from her2_core.aggregate import CLASSES
 from her2_core.model_card import RealCoreFigure
-from worker.pipeline import score_slide
-from worker.settings import load_settings
 
 
 def expected_score(percentages: dict[str, float]) -> float:
@@ -26,10 +26,10 @@ def expected_score(percentages: dict[str, float]) -> float:
 
 def score_real_cores(model_path: Path, cores: dict[str, Path]) -> list[RealCoreFigure]:
     """The model at ``model_path`` on each core (label -> DICOM series folder), in the given order."""
-    settings = load_settings(model_path=Path(model_path), grader="cnn", membrane_grader=False)
+    options = ScoringOptions(model_path=Path(model_path), grader=Grader.CNN, membrane_grader=False)
     figures = []
     for label, series in cores.items():
-        result = score_slide(Path(series), settings)
+        result = score_slide(Path(series), options)
         pct = {c: round(float(result.score.percentages[c]), 1) for c in CLASSES}
         figures.append(RealCoreFigure(label=label, call=result.cnn_call.value, percentages=pct,
                                       expected_score=round(expected_score(result.score.percentages), 3)))

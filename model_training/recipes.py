@@ -152,7 +152,7 @@ def train_default(model_path: Path, report_dir: Path, cache: Path = DEFAULT_CACH
         "parameters": result.total_parameters,
         "train_seconds": round(result.seconds, 1),
         "temperature": result.temperature,
-        "reproduce": "her2 train-default --out worker/models/",
+        "reproduce": "her2 train-default --out her2_analysis/models/",
     }, DEFAULT_MODEL_NAME, DEFAULT_MODEL_VERSION)
 
 

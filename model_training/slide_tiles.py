@@ -1,4 +1,4 @@
-"""Training tiles from DICOM slides, through the inference path (:mod:`worker.tiles`).
+"""Training tiles from DICOM slides, through the inference path (:mod:`her2_analysis.tiles`).
 
 Synthetic slides are first written as DICOM (``her2 synth`` /
 :func:`her2_synthetic.dicom.write_synthetic_slide`) and then read
@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from dicom_io.wsi import Slide, open_slide
+from her2_analysis.tiles import (
+    Position,
+    TiledSlide,
+    survey_slide,
+    tile_batches,
+    tile_slide,
+)
 from her2_core.facts import WHITE_FRACTION_MAX
 from her2_core.preprocessing import REFERENCE, StainNormaliser, StainReference
 from her2_synthetic.dicom import TRUTH_FILE
 from her2_synthetic.render import SlideSpec, truth_grid
-from worker.tiles import (
-    Position,
-    PreparedSlide,
-    prepare_slide,
-    survey_slide,
-    tile_batches,
-)
 
 
 @dataclass
@@ -59,13 +59,13 @@ class Unnormalised:
 
 def read_slide_tiles(slide: Slide, tile_size: int, mpp: float, reference: StainReference = REFERENCE,
                      white_fraction_max: float = WHITE_FRACTION_MAX, batch_size: int = 16, threads: int = 2,
-                     normalise: bool = True) -> tuple[np.ndarray, list[Position], PreparedSlide]:
+                     normalise: bool = True) -> tuple[np.ndarray, list[Position], TiledSlide]:
     """Kept, normalised tissue tiles of an opened slide at ``mpp`` um/px, through the worker's own tile path.
 
     Returns the tiles, their grid positions (row, col) and the prepared slide (survey with tissue mask,
     level, grid) they came from. ``normalise=False`` keeps the tiles' original stain colours (to measure what normalisation buys).
     """
-    prepared = prepare_slide(slide, survey_slide(slide), tile_size, mpp, reference)
+    prepared = tile_slide(slide, survey_slide(slide), tile_size, mpp, reference)
     if not normalise:
         prepared = replace(prepared, normaliser=Unnormalised())
     tiles, positions = [], []

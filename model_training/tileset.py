@@ -4,7 +4,7 @@ A :class:`TileSet` is what every data source is turned into (synthetic slides
 via DICOM, folder-per-class tiles, BCI, HER2-IHC-40x; see
 :mod:`model_training.layouts`) and what training, evaluation and
 explanations consume. Tiles are always the output of the shared preprocessing
-(:mod:`her2_core.preprocessing` through :mod:`worker.tiles`): Macenko-normalised
+(:mod:`her2_core.preprocessing` through :mod:`her2_analysis.tiles`): Macenko-normalised
 uint8 RGB.
 
 Targets

@@ -1,9 +1,7 @@
-"""The packages' layers (docs/architecture.md): no import runs upward.
+"""The packages' import graph (docs/architecture.md): each package imports only the ones it is allowed to.
 
-her2_core <- dicom_io <- her2_synthetic <- worker <- model_training <- benchmarks: a module may import its own
-package and the packages below it, never one above. Every module's imports are read with ``ast`` (module-level,
-in-function and ``TYPE_CHECKING`` imports alike); an upward import is allowed only inside a function and
-only where :data:`ALLOWED_IN_FUNCTION` names it with its reason.
+Every module's imports are read with ``ast`` (module-level, in-function and ``TYPE_CHECKING`` imports alike) and
+checked against :data:`ALLOWED`, which is itself a DAG; nothing imports the command line but the entry point.
 """
 
 from __future__ import annotations
@@ -11,27 +9,37 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
+from graphlib import TopologicalSorter
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Our packages, lowest first.
-LAYERS = ("her2_core", "dicom_io", "her2_synthetic", "worker", "model_training", "benchmarks")
-RANK = {name: i for i, name in enumerate(LAYERS)}
-
-#: (importing module, imported package) -> why an upward import inside a function is allowed there.
-ALLOWED_IN_FUNCTION = {
-    ("worker.cli", "model_training"): "the training commands, imported only when one of them runs "
-    "(run_training_command)",
+#: Package -> the packages of ours it may import.
+ALLOWED: dict[str, set[str]] = {
+    "her2_core": set(),
+    "dicom_io": {"her2_core"},
+    "her2_synthetic": {"her2_core", "dicom_io"},
+    "her2_analysis": {"her2_core", "dicom_io"},
+    "worker": {"her2_core", "dicom_io", "her2_analysis"},
+    "model_training": {"her2_core", "dicom_io", "her2_synthetic", "her2_analysis"},
+    "her2_viewer": {"her2_core", "dicom_io"},
+    "her2_cli": {"her2_core", "dicom_io", "her2_synthetic", "her2_analysis", "worker", "model_training",
+                 "her2_viewer"},
+    "benchmarks": {"her2_core", "dicom_io", "her2_synthetic", "her2_analysis", "worker", "model_training"},
 }
+#: The only modules of the analysis the service imports: what it configures and the one job it runs.
+WORKER_USES_OF_ANALYSIS = {"her2_analysis.options", "her2_analysis.pipeline"}
 
 
 def _modules() -> list[tuple[str, Path]]:
     out = []
-    for package in LAYERS:
+    for package in ALLOWED:
         for path in sorted((REPO / package).rglob("*.py")):
+            if "node_modules" in path.parts:
+                continue
             parts = path.relative_to(REPO).with_suffix("").parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
@@ -39,75 +47,71 @@ def _modules() -> list[tuple[str, Path]]:
     return out
 
 
-def _imports(module: str, path: Path) -> list[tuple[str, int, bool]]:
-    """(imported module, line, inside a function) for every import statement of the file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found: list[tuple[str, int, bool]] = []
-
-    def visit(node: ast.AST, in_function: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-            if isinstance(child, ast.Import):
-                found.extend((alias.name, child.lineno, in_function) for alias in child.names)
-            elif isinstance(child, ast.ImportFrom):
-                assert not child.level, f"{path}:{child.lineno}: relative import (the project uses absolute ones)"
-                name = child.module or ""
-                found.append((name, child.lineno, in_function))
-            visit(child, inner)
-
-    visit(tree, False)
+def _imports(path: Path) -> list[tuple[str, int]]:
+    """(imported module, line) for every import statement of the file."""
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{path}:{node.lineno}: relative import (the project uses absolute ones)"
+            found.append((node.module or "", node.lineno))
     return found
 
 
 def test_every_package_is_found():
-    modules = {m.split(".")[0] for m, _ in _modules()}
-    assert modules == set(LAYERS)
+    assert {m.split(".")[0] for m, _ in _modules()} == set(ALLOWED)
 
 
-def test_no_import_runs_upward():
-    upward = []
+def test_allowed_graph_is_acyclic():
+    order = list(TopologicalSorter(ALLOWED).static_order())
+    assert set(order) == set(ALLOWED)
+
+
+def test_every_import_is_allowed():
+    wrong = []
     for module, path in _modules():
         own = module.split(".")[0]
-        for imported, line, in_function in _imports(module, path):
+        for imported, line in _imports(path):
             top = imported.split(".")[0]
-            if top not in RANK or RANK[top] <= RANK[own]:
-                continue
-            if in_function and (module, top) in ALLOWED_IN_FUNCTION:
-                continue
-            where = "in a function" if in_function else "at module level"
-            upward.append(f"{path.relative_to(REPO)}:{line}: {own} imports {imported} ({where})")
-    assert not upward, "imports that run upward between packages:\n" + "\n".join(upward)
+            if top in ALLOWED and top != own and top not in ALLOWED[own]:
+                wrong.append(f"{path.relative_to(REPO)}:{line}: {own} imports {imported}")
+    assert not wrong, "imports outside the allowed graph:\n" + "\n".join(wrong)
 
 
-def test_allowed_upward_imports_are_still_needed():
-    """Each allowance names an import that exists (a stale one would hide a future real one)."""
-    used = set()
-    for module, path in _modules():
-        for imported, _, in_function in _imports(module, path):
-            if in_function:
-                used.add((module, imported.split(".")[0]))
-    assert set(ALLOWED_IN_FUNCTION) <= used
+def test_worker_imports_only_the_analysis_it_calls():
+    used = {imported for module, path in _modules() if module.startswith("worker")
+            for imported, _ in _imports(path) if imported.startswith("her2_analysis")}
+    assert used == WORKER_USES_OF_ANALYSIS
+
+
+def test_nothing_but_the_entry_point_imports_the_command_line():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"her2": "her2_cli.main:main"}
+    outside = [f"{path.relative_to(REPO)}" for module, path in _modules() if not module.startswith("her2_cli")
+               for imported, _ in _imports(path) if imported.split(".")[0] == "her2_cli"]
+    assert not outside
 
 
 @pytest.mark.parametrize("module, absent", [
-    ("worker.cli", ("model_training", "torch", "benchmarks")),
-    ("worker.pipeline", ("model_training", "torch", "benchmarks")),
-    ("dicom_io.sr", ("worker", "model_training")),
-    ("her2_synthetic.dicom", ("worker", "model_training", "torch")),
-    ("her2_core.model_card", ("worker", "dicom_io", "model_training")),
+    ("her2_cli.main", ("torch", "benchmarks", "onnxruntime")),
+    ("worker.settings", ("torch", "scipy", "skimage", "onnxruntime")),
+    ("her2_analysis.pipeline", ("worker", "model_training", "torch", "her2_cli", "pydantic_settings")),
+    ("dicom_io.sr", ("worker", "her2_analysis", "model_training")),
+    ("her2_synthetic.dicom", ("worker", "her2_analysis", "model_training", "torch")),
+    ("her2_core.model_card", ("worker", "dicom_io", "her2_analysis", "model_training")),
 ])
-def test_importing_a_layer_loads_nothing_above_it(module, absent):
+def test_importing_a_module_loads_nothing_it_does_not_need(module, absent):
     code = (f"import sys, {module}; "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(absent)!r})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"importing {module} loads {out.stdout.strip()}"
 
 
-def test_training_commands_are_listed_without_training_code_and_parsed_by_it(capsys):
-    """``her2 --help`` lists the training commands from worker.cli's table; each one's options come from
-    model_training.cli's parser, imported when the command runs (same help, usage and errors as before)."""
-    from model_training import cli as training_cli
-    from worker.cli import TRAINING_COMMANDS, build_parser, main
+def test_training_commands_are_listed_and_parse_their_options(capsys):
+    """``her2 --help`` lists the training commands; each one parses its own options (same usage and errors)."""
+    from her2_cli.main import build_parser, main
+    from her2_cli.training import TRAINING_COMMANDS
 
     listed = build_parser().format_help()
     assert all(name in listed for name in TRAINING_COMMANDS)
@@ -118,15 +122,12 @@ def test_training_commands_are_listed_without_training_code_and_parsed_by_it(cap
     with pytest.raises(SystemExit):
         main(["config", "--no-such-option"])
     assert "her2: error: unrecognized arguments: --no-such-option" in capsys.readouterr().err
-    assert training_cli.TRAINING_COMMANDS is TRAINING_COMMANDS
 
 
 def test_every_installed_package_is_packaged_and_copied_into_the_image():
-    """A new layer must reach the wheel (pyproject include) and the container image (deploy/Dockerfile)."""
-    import tomllib
-
+    """A new package must reach the wheel (pyproject include) and the container image (deploy/Dockerfile)."""
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     installed = {pattern.rstrip("*") for pattern in include}
-    assert installed == set(LAYERS) - {"benchmarks"}
+    assert installed == set(ALLOWED) - {"benchmarks"}
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert all(f"COPY {package} ./{package}\n" in dockerfile for package in installed)

@@ -262,7 +262,7 @@ def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
     """
     from dicom_io.dicomweb import TransferCount, open_web_slide
     from dicom_io.errors import SlideError
-    from worker.pipeline import score_slide
+    from her2_analysis.pipeline import score_slide
 
     def progress(done: int, total: int) -> None:
         store.set_status(job.series_instance_uid, JobState.RUNNING, f"scoring: {done} of {total} tissue tiles read")
@@ -274,7 +274,7 @@ def run_job(job: Job, settings: Settings, store: JobStore) -> JobState:
                                job.instances, fetched)
     else:
         slide = Path(job.series_dir)
-    result = score_slide(slide, settings, progress=progress)
+    result = score_slide(slide, settings.scoring_options(), progress=progress)
     if result.source.series_instance_uid != job.series_instance_uid:
         raise SlideError(f"spool folder of series {job.series_instance_uid} holds series "
                          f"{result.source.series_instance_uid}")

@@ -21,17 +21,16 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from her2_core.facts import WHITE_FRACTION_MAX
+from her2_analysis.options import Grader, MembraneThresholds, QualityThresholds, ScoringOptions
 
 if TYPE_CHECKING:
     from dicom_io.dicomweb import DicomWebServer
     from dicom_io.listener import ListenerConfig
     from dicom_io.sender import Destination
-    from worker.membrane import MembraneThresholds
-    from worker.quality import QualityThresholds
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = PACKAGE_DIR / "models" / "her2_default.onnx"
+#: The analysis' own defaults (her2_analysis.options), which the settings below take as theirs.
+_SCORING = ScoringOptions()
+_QC = QualityThresholds()
 
 
 class Settings(BaseSettings):
@@ -40,23 +39,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HER2_", extra="forbid")
 
     # --- model and pipeline -------------------------------------------------
-    model_path: Path = Field(DEFAULT_MODEL, description="ONNX model; its model card is the .json beside it.")
+    model_path: Path = Field(_SCORING.model_path, description="ONNX model; its model card is the .json beside it.")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="ONNX Runtime provider: auto = CUDA when available, else CPU."
+        _SCORING.device, description="ONNX Runtime provider: auto = CUDA when available, else CPU."
     )
     precision: Literal["float32", "float16"] = Field(
-        "float32", description="Model arithmetic: float16 converts the model to half precision at load (for CUDA "
+        _SCORING.precision, description="Model arithmetic: float16 converts the model to half precision at load (for CUDA "
         "tensor cores; slower on CPU; grades differ in the third decimal, so validate it like a new model; needs "
         "the [gpu] extra).")
-    batch_size: int = Field(16, ge=1, description="Tiles per inference batch.")
-    decode_threads: int = Field(2, ge=1, description="Threads decoding JPEG tiles ahead of inference.")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = library default).")
+    batch_size: int = Field(_SCORING.batch_size, ge=1, description="Tiles per inference batch.")
+    decode_threads: int = Field(_SCORING.decode_threads, ge=1, description="Threads decoding JPEG tiles ahead of inference.")
+    intra_op_threads: int = Field(_SCORING.intra_op_threads, ge=0, description="ONNX Runtime intra-op threads (0 = library default).")
     white_fraction_max: float = Field(
-        WHITE_FRACTION_MAX, gt=0, lt=1, description="Tiles with more than this fraction of white background are dropped "
+        _SCORING.white_fraction_max, gt=0, lt=1, description="Tiles with more than this fraction of white background are dropped "
         "(must be the model card's value: training dropped the same tiles)."
     )
     evidence_floor_percent: float = Field(
-        2.0,
+        _SCORING.evidence_floor_percent,
         ge=0,
         le=10,
         description="Classes holding no more than this percentage of the tumour (area for the CNN, cells for the "
@@ -65,37 +64,37 @@ class Settings(BaseSettings):
     )
     output_dir: Path = Field(Path("out"), description="Where the CLI writes result DICOM files and overlays.")
 
-    # --- membrane (cell) grader (see worker/membrane.py and worker/cell_grading.py) ----
-    grader: Literal["membrane", "cnn"] = Field(
-        "membrane", description="Which grader makes the slide call: the cell-level membrane grader (ASCO/CAP's "
+    # --- membrane (cell) grader (see her2_analysis/membrane/field.py and her2_analysis/membrane/slide.py) ----
+    grader: Grader = Field(
+        _SCORING.grader, description="Which grader makes the slide call: the cell-level membrane grader (ASCO/CAP's "
         "per-tumour-cell definition; it grades at 0.5 um/px, so it needs a level that fine, else the CNN decides) or "
         "the CNN tile grader. Both run and both are reported.")
     membrane_grader: bool = Field(
-        True, description="Run the membrane grader (off: the CNN alone, no fine-level reads).")
+        _SCORING.membrane_grader, description="Run the membrane grader (off: the CNN alone, no fine-level reads).")
     membrane_max_fields: int = Field(
-        200, ge=1, description="At most this many 1024 px fields (256 um at 0.25 um/px) spread over the tissue are "
+        _SCORING.membrane_max_fields, ge=1, description="At most this many 1024 px fields (256 um at 0.25 um/px) spread over the tissue are "
         "graded cell by cell: bounds the grader's time on large sections.")
     membrane_cutoffs: dict[str, float] = Field(
-        default_factory=dict, description="Overrides of the membrane grader's cut-offs (worker.membrane."
-        "MembraneThresholds: optical density and um; defaults and their provenance are documented there), e.g. "
+        default_factory=dict, description="Overrides of the membrane grader's cut-offs (her2_analysis.options."
+        "MembraneThresholds: optical density and um; what each is and how it was set: docs/membrane-calibration.md), e.g. "
         "{\"moderate_min\": 0.3}; as an environment variable, JSON.")
     qc_min_tumour_cells: int = Field(
-        200, ge=1, description="Fewer tumour cells graded by the membrane grader than this is not assessable (our "
+        _QC.min_tumour_cells, ge=1, description="Fewer tumour cells graded by the membrane grader than this is not assessable (our "
         "choice: ASCO/CAP sets no minimum).")
 
-    # --- quality control (see worker/quality.py for how each is measured) ----
+    # --- quality control (see her2_analysis/quality.py for how each is measured) ----
     qc_eosin_share_max: float = Field(
-        0.15, gt=0, lt=1, description="Eosin share of tissue stain above which the slide is not HER2 IHC (not assessable)."
+        _QC.eosin_share_max, gt=0, lt=1, description="Eosin share of tissue stain above which the slide is not HER2 IHC (not assessable)."
     )
-    qc_min_tumour_mm2: float = Field(0.2, gt=0, description="Less graded tumour area than this is not assessable.")
-    qc_pen_share_max: float = Field(0.01, gt=0, lt=1, description="Share of tissue under marker ink that is flagged.")
-    qc_fold_share_max: float = Field(0.02, gt=0, lt=1, description="Share of tissue in folds (OD > 2) that is flagged.")
-    qc_sharpness_min: float = Field(3.0, ge=0, description="Median tile sharpness (mean |LoG|) below which blur is flagged.")
+    qc_min_tumour_mm2: float = Field(_QC.min_tumour_mm2, gt=0, description="Less graded tumour area than this is not assessable.")
+    qc_pen_share_max: float = Field(_QC.pen_share_max, gt=0, lt=1, description="Share of tissue under marker ink that is flagged.")
+    qc_fold_share_max: float = Field(_QC.fold_share_max, gt=0, lt=1, description="Share of tissue in folds (OD > 2) that is flagged.")
+    qc_sharpness_min: float = Field(_QC.sharpness_min, ge=0, description="Median tile sharpness (mean |LoG|) below which blur is flagged.")
     qc_h_scale_min: float = Field(
-        0.5, gt=0, description="Haematoxylin scale (reference / slide 99th percentile) below which the stain is flagged "
+        _QC.h_scale_min, gt=0, description="Haematoxylin scale (reference / slide 99th percentile) below which the stain is flagged "
         "as outside the training distribution (over twice the reference strength).")
     qc_h_scale_max: float = Field(
-        2.0, gt=0, description="Haematoxylin scale above which the stain is flagged as outside the training "
+        _QC.h_scale_max, gt=0, description="Haematoxylin scale above which the stain is flagged as outside the training "
         "distribution (under half the reference strength).")
 
     # --- DICOM network --------------------------------------------------------
@@ -207,16 +206,21 @@ class Settings(BaseSettings):
                              f"job_lease_seconds ({self.job_lease_seconds:g}): one late renewal must not lose the lease")
         return self
 
+    def scoring_options(self) -> ScoringOptions:
+        """What :func:`her2_analysis.pipeline.score_slide` is told: the model, pipeline and grader settings."""
+        return ScoringOptions(
+            model_path=Path(self.model_path), device=self.device, precision=self.precision,
+            intra_op_threads=self.intra_op_threads, batch_size=self.batch_size, decode_threads=self.decode_threads,
+            white_fraction_max=self.white_fraction_max, evidence_floor_percent=self.evidence_floor_percent,
+            grader=self.grader, membrane_grader=self.membrane_grader, membrane_max_fields=self.membrane_max_fields,
+            membrane=self.membrane_thresholds(), quality=self.quality_thresholds())
+
     def membrane_thresholds(self) -> MembraneThresholds:
         """The membrane grader's cut-offs: its documented defaults with ``membrane_cutoffs`` applied."""
-        from worker.membrane import MembraneThresholds  # scipy/scikit-image: not for the listener's import
-
         return replace(MembraneThresholds(), **self.membrane_cutoffs)
 
     def quality_thresholds(self) -> QualityThresholds:
-        """The ``qc_*`` thresholds, for :mod:`worker.quality`."""
-        from worker.quality import QualityThresholds  # scipy: not for the listener's import
-
+        """The ``qc_*`` thresholds, for :mod:`her2_analysis.quality`."""
         return QualityThresholds(
             eosin_share_max=self.qc_eosin_share_max, pen_share_max=self.qc_pen_share_max,
             fold_share_max=self.qc_fold_share_max, sharpness_min=self.qc_sharpness_min,
@@ -257,8 +261,6 @@ class Settings(BaseSettings):
     @field_validator("membrane_cutoffs")
     @classmethod
     def _known_cutoffs(cls, value: dict[str, float]) -> dict[str, float]:
-        from worker.membrane import MembraneThresholds
-
         known = {f.name for f in fields(MembraneThresholds) if f.type in ("float", "int")}
         unknown = sorted(set(value) - known)
         if unknown:

@@ -1,7 +1,7 @@
 """Celery tasks: thin wrappers over :mod:`worker.jobs`.
 
 ``score_series_task`` (registered as ``her2.score_slide``; the scoring itself is
-:func:`worker.pipeline.score_slide`) retries faults with exponential backoff
+:func:`her2_analysis.pipeline.score_slide`) retries faults with exponential backoff
 (``task_max_retries``, ``task_retry_backoff_max``). Bad input
 (:class:`dicom_io.errors.SlideError`) is not retried: the job is marked *failed* with the one-line reason. A job
 that still fails after its last retry is *parked* with its reason. Both are

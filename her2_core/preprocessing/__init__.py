@@ -1,4 +1,4 @@
-"""The one home of preprocessing, shared by inference (``worker.pipeline``) and
+"""The one home of preprocessing, shared by inference (``her2_analysis.pipeline``) and
 training (``model_training``): tissue mask, tile grid and white filter, and
 Macenko stain normalisation with DAB kept on an absolute scale.
 """

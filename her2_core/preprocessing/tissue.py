@@ -27,7 +27,7 @@ from her2_core.preprocessing.stain import optical_density_sum
 
 T = TypeVar("T")
 
-#: Pixel spacing (um) of the thumbnail on which tissue is found (stains are fitted on tiles: worker.tiles).
+#: Pixel spacing (um) of the thumbnail on which tissue is found (stains are fitted on tiles: her2_analysis.tiles).
 THUMBNAIL_MPP = 8.0
 #: Glass RGB of the real HER2 cores (``tests/data/real_her2``) on their thumbnails, where the levels below were set
 #: (as 0.25 and 0.32 OD relative to 255); a slide's own glass replaces it (:func:`glass_od`, :func:`glass_colour`).

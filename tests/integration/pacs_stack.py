@@ -297,7 +297,7 @@ def health(port: int) -> tuple[int, dict]:
 
 
 def her2(*args: str) -> list[str]:
-    return [sys.executable, "-m", "worker.cli", "-v", *args]
+    return [sys.executable, "-m", "her2_cli.main", "-v", *args]
 
 
 def tiny_dataset(sop_class: str, patient_id: str, study_uid: str, series_uid: str,

@@ -47,10 +47,10 @@ from dicom_io.dicomweb import (
 from dicom_io.errors import SlideError
 from dicom_io.sender import Outbox, StowDestination
 from dicom_io.uids import result_uids
+from her2_analysis.options import BUNDLED_MODEL
 from her2_core.model_card import load_model_card
 from her2_synthetic.dicom import write_synthetic_slide
 from her2_synthetic.render import SlideSpec
-from worker.settings import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -102,7 +102,7 @@ def assert_results_once(stack, files: list[Path], truth: dict) -> None:
     source = header(files)
     results = results_in_study(stack.orthanc, source.StudyInstanceUID)
     check_results(stack.orthanc, results, files, truth)
-    card = load_model_card(Path(os.environ.get("HER2_MODEL_PATH", DEFAULT_MODEL)))
+    card = load_model_card(Path(os.environ.get("HER2_MODEL_PATH", BUNDLED_MODEL)))
     sources = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
     uids = result_uids(source.SeriesInstanceUID, sources, card.name, card.version)
     instances = {i["MainDicomTags"]["SOPInstanceUID"]

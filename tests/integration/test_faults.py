@@ -29,11 +29,11 @@ from pynetdicom.sop_class import VLWholeSlideMicroscopyImageStorage
 from test_routing import check_results, results_in_study
 
 from dicom_io.uids import result_uids
+from her2_analysis.options import BUNDLED_MODEL
 from her2_core.model_card import card_path, load_model_card
 from her2_synthetic.dicom import write_synthetic_slide
 from her2_synthetic.render import SlideSpec
 from worker.jobs import content_key
-from worker.settings import DEFAULT_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,7 @@ def wait_done(stack, series_uid: str) -> None:
 def assert_one_result_set(stack, files: list[Path], truth: dict) -> None:
     """The slide's study in Orthanc holds one SR and one SEG, with the derived UIDs, and nothing else."""
     source = header(files)
-    card = load_model_card(Path(os.environ.get("HER2_MODEL_PATH", DEFAULT_MODEL)))
+    card = load_model_card(Path(os.environ.get("HER2_MODEL_PATH", BUNDLED_MODEL)))
     instances = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
     uids = result_uids(source.SeriesInstanceUID, instances, card.name, card.version)
     results = results_in_study(stack.orthanc, source.StudyInstanceUID)
@@ -292,7 +292,7 @@ def test_job_failing_every_time_is_parked_with_its_reason_after_its_last_retry(s
     series = header(files).SeriesInstanceUID
     broken = tmp_path / "broken.onnx"  # a damaged model file: every attempt fails the same way
     broken.write_bytes(b"not an ONNX model")
-    card_path(broken).write_bytes(card_path(DEFAULT_MODEL).read_bytes())
+    card_path(broken).write_bytes(card_path(BUNDLED_MODEL).read_bytes())
     stack.start_listener()
     worker = stack.start_worker(HER2_MODEL_PATH=str(broken))  # 2 retries, backoff at most 2 s (service_env)
     send(stack, files)

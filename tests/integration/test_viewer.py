@@ -1,9 +1,9 @@
 """A scored slide as a pathologist sees it: real Orthanc (DICOMweb), dicom-microscopy-viewer, headless Chromium.
 
 A small synthetic 40x slide is scored by the real pipeline (so both graders run and the cell ANN
-exists); the slide, SR, SEG and ANN go into Orthanc with its DICOMweb plugin; viewer/index.html is
-served with a proxy of /dicom-web from one origin (worker/viewer.py) and opened
-in Debian's chromium by puppeteer-core (viewer/snapshot.mjs). Screenshots and the page's reports
+exists); the slide, SR, SEG and ANN go into Orthanc with its DICOMweb plugin; her2_viewer/page/index.html is
+served with a proxy of /dicom-web from one origin (her2_viewer/server.py) and opened
+in Debian's chromium by puppeteer-core (her2_viewer/page/snapshot.mjs). Screenshots and the page's reports
 are kept in the test's tmp dir and copied to out/viewer-test/ (the path is printed).
 
 The viewer turns this slide by 180 degrees (its Image Orientation (Slide) is (0, -1, 0, -1, 0, 0));
@@ -29,16 +29,17 @@ from PIL import Image
 from test_cell_annotations import specimen_module_tags
 
 from dicom_io.codes import CLASS_COLOURS, TILE_CLASS_CODES
+from her2_analysis.pipeline import score_slide
+from her2_cli.outputs import write_outputs
 from her2_core.aggregate import CLASSES
 from her2_synthetic.dicom import write_synthetic_slide
 from her2_synthetic.render import SlideSpec
-from worker.pipeline import score_slide
+from her2_viewer.server import ViewerServer
 from worker.settings import load_settings
-from worker.viewer import ViewerServer
 
 pytestmark = pytest.mark.integration
 
-VIEWER = REPO / "viewer"
+VIEWER = REPO / "her2_viewer" / "page"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ARTEFACTS = REPO / "out" / "viewer-test"
 #: Probability above which the page draws a segment (its palette starts at stored value 128) and a
@@ -47,10 +48,10 @@ DRAWN, NOT_DRAWN = 0.55, 0.45
 
 
 def snapshot(url: str, png: Path) -> dict:
-    """Open ``url`` in headless chromium, save a screenshot, return the page's report (viewer/snapshot.mjs)."""
+    """Open ``url`` in headless chromium, save a screenshot, return the page's report (her2_viewer/page/snapshot.mjs)."""
     node = binary("node")
     if not (VIEWER / "node_modules" / "dicom-microscopy-viewer").is_dir():
-        pytest.fail("viewer/node_modules is missing: run `bash deploy/install.sh --services` (npm ci in viewer/)")
+        pytest.fail("her2_viewer/page/node_modules is missing: run `bash deploy/install.sh --services` (npm ci in her2_viewer/page/)")
     done = subprocess.run([node, str(VIEWER / "snapshot.mjs"), url, str(png), binary("chromium")],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -64,7 +65,8 @@ def viewed(tmp_path_factory):
     spec = SlideSpec(seed=21, width_um=1536, height_um=1024, class_mix={c: 0.25 for c in CLASSES},
                      patient_id="VIEWER")
     write_synthetic_slide(spec, root / "slide", mpp=0.25)
-    result = score_slide(root / "slide", load_settings(), root / "results")
+    result = score_slide(root / "slide", load_settings().scoring_options())
+    files = write_outputs(result, root / "results")
     by_modality = {ds.Modality: ds for ds in result.datasets}
     assert set(by_modality) == {"SR", "SEG", "ANN"}, "a 40x slide gets SR, heatmap SEG and cell ANN"
     if not DICOMWEB_PLUGIN.exists():
@@ -72,7 +74,7 @@ def viewed(tmp_path_factory):
     orthanc = Orthanc(root / "orthanc", listener_port=free_port(), Plugins=[str(DICOMWEB_PLUGIN)],
                       DicomWeb={"Enable": True, "Root": "/dicom-web/"}).start()
     try:
-        orthanc.upload(sorted((root / "slide").glob("*.dcm")) + [p for p in result.files if p.suffix == ".dcm"])
+        orthanc.upload(sorted((root / "slide").glob("*.dcm")) + [p for p in files if p.suffix == ".dcm"])
         levels = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((root / "slide").glob("*.dcm"))]
         seg, ann = by_modality["SEG"], by_modality["ANN"]
         with ViewerServer(VIEWER, orthanc.http_port) as server:
@@ -179,7 +181,7 @@ def test_pipeline_results_validate_with_dicom3tools(viewed):
     """The pipeline's own SR, SEG and ANN of this slide: dciodvfy and dcentvfy (dicom3tools) find only what is documented.
 
     dciodvfy: no error; warnings only for the local 99HER2 codes and, on the ANN, the Specimen Module
-    that PS3.3 now allows there but dicom3tools 2022 does not know (tests/test_cell_annotations.py).
+    that PS3.3 now allows there but dicom3tools 2022 does not know (tests/dicom_io/test_cell_annotations.py).
     dcentvfy over slide + results: entity-level consistency; its one remark is Accession Number, which
     dicom3tools files under Study in the SR and under Series in the WSM, SEG and ANN IODs (the same
     value in every object: the slide's).
