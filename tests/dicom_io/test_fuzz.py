@@ -49,7 +49,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from test_bad_input import c_store_event, ct_slice
 
 from dicom_io.errors import SlideError
 from dicom_io.listener import (
@@ -62,6 +61,7 @@ from dicom_io.listener import (
 from dicom_io.wsi import open_slide
 from her2_synthetic.dicom import write_synthetic_slide
 from her2_synthetic.render import SlideSpec
+from tests.her2_analysis.test_bad_input import c_store_event, ct_slice
 
 DATA = Path(__file__).parents[1] / "data"
 QUICK_CASES = 1500

@@ -302,7 +302,7 @@ NEEDS = {"wsidicomizer": needs_wsidicomizer, "orthanc": needs_orthanc_dicomizer}
 
 @pytest.fixture(scope="module")
 def reference_result(matrix_tissue: np.ndarray, tmp_path_factory) -> ScoringResult:
-    return score_slide(_ours(matrix_tissue, tmp_path_factory.mktemp("ours") / "s"), load_settings())
+    return score_slide(_ours(matrix_tissue, tmp_path_factory.mktemp("ours") / "s"), load_settings().scoring_options())
 
 
 def _writer_params() -> list:

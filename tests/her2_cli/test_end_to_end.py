@@ -104,6 +104,7 @@ def test_heatmap_holds_tile_probabilities(scored, written):
 
 def test_scoring_twice_gives_identical_uids(scored, slides, tmp_path):
     again = score_slide(slides["3+"], load_settings().scoring_options())
+    write_outputs(again, tmp_path)
     first = scored["3+"]
     for a, b in zip(first.datasets, again.datasets):
         assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID

@@ -26,7 +26,6 @@ import pydicom
 import pytest
 from pacs_stack import REPO, Orthanc, binary, free_port, her2
 from PIL import Image
-from test_cell_annotations import specimen_module_tags
 
 from dicom_io.codes import CLASS_COLOURS, TILE_CLASS_CODES
 from her2_analysis.pipeline import score_slide
@@ -35,6 +34,7 @@ from her2_core.aggregate import CLASSES
 from her2_synthetic.dicom import write_synthetic_slide
 from her2_synthetic.render import SlideSpec
 from her2_viewer.server import ViewerServer
+from tests.dicom_io.test_cell_annotations import specimen_module_tags
 from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
