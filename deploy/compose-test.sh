@@ -6,8 +6,8 @@
 #   2. images: deploy/images/build.sh (Debian base by debootstrap, Python, Orthanc and Redis from Debian
 #      packages; no registry needed) unless HER2_BASE_IMAGE, ORTHANC_IMAGE and REDIS_IMAGE are all set,
 #      then `compose build` of the worker image on that base;
-#   3. default profile (spool + C-STORE): a synthetic 40x slide sent from this host with dcmtk storescu to
-#      the Orthanc container comes back as SR + SEG + ANN in its study, with the right call in the SR;
+#   3. default profile (spool + C-STORE): a synthetic 40x slide (her2 synth) sent from this host with dcmtk
+#      storescu to the Orthanc container comes back as SR + SEG + ANN in its study, with the right call in the SR;
 #   4. profile remote (DICOMweb + STOW-RS) with --scale worker=0 --scale worker-remote=2: a second slide
 #      scored, and a third one whose worker is killed (docker kill) mid-slide finishes on the other worker;
 #   5. `down -v`: no container, volume or network of the run is left.
@@ -86,6 +86,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+trap 'fail "unexpected failure (exit status $?) of: $BASH_COMMAND (line $LINENO)"' ERR
 
 # --- 1. the engine ---------------------------------------------------------------------------------------
 missing=()
@@ -112,8 +113,8 @@ if ! docker info >/dev/null 2>&1; then
     sleep 1
   done
   if ! docker info >/dev/null 2>&1; then
-    reason="$(grep -E 'level=(error|fatal)' "$work/dockerd.log" | tail -n 1 | sed 's/.*msg="\([^"]*\)".*/\1/')"
-    kill "$dockerd_pid" 2>/dev/null; wait "$dockerd_pid" 2>/dev/null; dockerd_pid=""
+    reason="$(grep -E 'level=(error|fatal)' "$work/dockerd.log" | tail -n 1 | sed 's/.*msg="\([^"]*\)".*/\1/' || true)"
+    kill "$dockerd_pid" 2>/dev/null || true; wait "$dockerd_pid" 2>/dev/null || true; dockerd_pid=""
     skip "dockerd could not be started: ${reason:-no answer within 60 s}"
   fi
   log "dockerd started (pid $dockerd_pid; stopped again at the end)"
@@ -122,20 +123,17 @@ fi
 command -v storescu >/dev/null || fail "no storescu (dcmtk: bash deploy/install.sh --services)"
 
 # Containers of an earlier run that died before its cleanup (same prefix, another pid): removed first.
-for old in $(docker ps -a --format '{{.Label "com.docker.compose.project"}}' | grep -E '^her2ct[0-9]+$' | sort -u); do
+for old in $(docker ps -a --format '{{.Label "com.docker.compose.project"}}' | grep -E '^her2ct[0-9]+$' | sort -u || true); do
   log "removing the leftovers of an earlier run ($old)"
   docker ps -aq --filter "label=com.docker.compose.project=$old" | xargs -r docker rm -f >/dev/null
   docker volume ls -q --filter "label=com.docker.compose.project=$old" | xargs -r docker volume rm >/dev/null
   docker network ls -q --filter "label=com.docker.compose.project=$old" | xargs -r docker network rm >/dev/null
 done
 
-# The three slides, drawn while the images build (one core; mostly downloads meanwhile).
-(
-  for n in 1 2 3; do
-    timeout 300 .venv/bin/her2 synth -q --out "$work/slide$n" --seed "$(( 3200 + n ))" --grade 3+ --size 1000x1000 \
-      --magnification 40 --patient-id "COMPOSE-TEST-$n" || exit 1
-  done
-) >"$work/synth.log" 2>&1 &
+# The slide, drawn while the images build (one core; mostly downloads meanwhile); slides 2 and 3 are copies
+# of it as other patients' (every UID of its own replaced: compose_check.py copy), made in a second.
+timeout 300 .venv/bin/her2 synth -q --out "$work/slide1" --seed 3201 --grade 3+ --size 1000x1000 --magnification 40 \
+  --patient-id COMPOSE-TEST >"$work/synth.log" 2>&1 &
 synth_pid=$!
 
 # --- 2. images -------------------------------------------------------------------------------------------
@@ -192,8 +190,8 @@ wait_healthy() {
         esac
         health=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}' "$c")
         if [ "$health" = unhealthy ]; then
-          fail "service $svc unhealthy: $(docker inspect -f '{{with .State.Health}}{{range .Log}}{{.Output}}{{end}}{{end}}' "$c" \
-                 | tr '\n' ' ' | tail -c 300)"
+          fail "service $svc unhealthy: $(docker inspect -f '{{json .State.Health.Log}}' "$c" | .venv/bin/python -c \
+                 'import json, sys; print(" ".join(json.load(sys.stdin)[-1]["Output"].split())[:300])')"
         fi
         [ "$health" = healthy ] || ready=0
       done
@@ -219,7 +217,7 @@ holder_of() {  # container id whose worker holds the running job of series $1 (e
     [ "$(redis_cli hget "her2:attempt:$task" series)" = "$1" ] || continue
     host=$(redis_cli get "$key"); host=${host%%:*}
     [ -n "$host" ] || continue
-    docker ps -q --no-trunc --filter "label=com.docker.compose.project=$project" | grep "^$host" | head -n 1
+    docker ps -q --no-trunc --filter "label=com.docker.compose.project=$project" | grep "^$host" | head -n 1 || true
     return 0
   done
 }
@@ -242,8 +240,12 @@ series_of() { .venv/bin/python deploy/compose_check.py slide "$1" | cut -d' ' -f
 slides_ready() {
   local start=$SECONDS
   while kill -0 "$synth_pid" 2>/dev/null && (( SECONDS - start < 300 )); do sleep 1; done
-  wait "$synth_pid" || fail "her2 synth could not draw the test slides: $(tail -n 3 "$work/synth.log" | tr '\n' ' ')"
+  wait "$synth_pid" || fail "her2 synth could not draw the test slide: $(tail -n 3 "$work/synth.log" | tr '\n' ' ')"
   synth_pid=""
+  for n in 2 3; do
+    .venv/bin/python deploy/compose_check.py copy "$work/slide1" "$work/slide$n" "$n" 2>"$work/copy.err" \
+      || fail "could not copy the test slide: $(tail -n 1 "$work/copy.err")"
+  done
 }
 
 # --- 3. default profile: slides from the spool, results by C-STORE ---------------------------------------
@@ -285,7 +287,7 @@ victim=$(wait_holder "$series3" 120) || fail "slide 3 was not taken up by a work
 victim_name=$(docker inspect -f '{{.Name}}' "$victim" | tr -d /)
 docker kill "$victim" >/dev/null
 killed_at=$SECONDS
-survivor=$(containers worker-remote | grep -v "^${victim:0:12}" | head -n 1)
+survivor=$(containers worker-remote | grep -v "^${victim:0:12}" | head -n 1 || true)
 [ -n "$survivor" ] || fail "no worker-remote left running after the kill"
 docker update --cpus "$(nproc)" "$survivor" >/dev/null
 survivor_name=$(docker inspect -f '{{.Name}}' "$survivor" | tr -d /)

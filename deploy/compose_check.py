@@ -3,6 +3,9 @@
     compose_check.py ports N                      N free TCP ports on 127.0.0.1, one per line
     compose_check.py slide DIR                    "<StudyInstanceUID> <SeriesInstanceUID> <true call>" of a
                                                   slide written by `her2 synth`
+    compose_check.py copy SRC DST N               the slide of SRC as another patient's: every UID of its
+                                                  own (study, series, instances, frame of reference, ...)
+                                                  replaced, derived from the old one and N; same pixels
     compose_check.py results STUDY CALL TIMEOUT   wait until Orthanc holds an SR, a SEG and an ANN in the study,
                                                   then read the slide's call from the SR (dicom_io.sr.read_sr_call)
                                                   and compare it with CALL
@@ -56,6 +59,34 @@ def slide(folder: str) -> None:
     print(first.StudyInstanceUID, first.SeriesInstanceUID, truth["call"])
 
 
+def copy(source: str, target: str, n: str) -> None:
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    def renamed(uid: str) -> str:  # standard UIDs (SOP classes, transfer syntaxes, codes) stay
+        return uid if uid.startswith("1.2.840.10008.") else generate_uid(entropy_srcs=[uid, n])
+
+    def walk(dataset) -> None:
+        for element in dataset:
+            if element.VR == "SQ":
+                for item in element.value:
+                    walk(item)
+            elif element.VR == "UI" and element.keyword != "ImplementationClassUID" and element.value:
+                element.value = renamed(str(element.value))
+
+    out = Path(target)
+    out.mkdir(parents=True)
+    for path in sorted(Path(source).glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        walk(dataset.file_meta)
+        walk(dataset)
+        dataset.PatientID = f"{dataset.PatientID}-COPY{n}"
+        dataset.save_as(out / path.name, enforce_file_format=True)
+    truth = json.loads((Path(source) / "ground_truth.json").read_text())
+    truth["series_instance_uid"] = renamed(truth["series_instance_uid"])
+    (out / "ground_truth.json").write_text(json.dumps(truth, indent=1))
+
+
 def results(study_uid: str, call: str, timeout: float) -> int:
     import pydicom
 
@@ -100,6 +131,9 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["slide"] and len(argv) == 2:
         slide(argv[1])
+        return 0
+    if argv[:1] == ["copy"] and len(argv) == 4:
+        copy(*argv[1:])
         return 0
     if argv[:1] == ["results"] and len(argv) == 4:
         return results(argv[1], argv[2], float(argv[3]))
