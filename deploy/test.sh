@@ -22,7 +22,7 @@ fi
 # chromium). The unit tier fails fast, before the services start.
 .venv/bin/python -m pytest -q -m "not integration and not slow"
 .venv/bin/python -m pytest -q -m "integration and not slow"
-# The whole stack of compose.yaml in containers (images built from Debian packages; about 4-6 min, 2-3 once
+# The whole stack of compose.yaml in containers (images built from Debian packages; about 4.5 min, 2 once
 # its images are cached): HER2_COMPOSE_TEST=auto (skipped with one line when no container engine can be
 # started here), always or never. See deploy/compose-test.sh.
 bash deploy/compose-test.sh
